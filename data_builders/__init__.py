@@ -1,0 +1,1 @@
+"""TFDS builders that turn raw screens (synthetic or real) into ArrayRecord datasets."""
