@@ -21,6 +21,8 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     g.add_argument("--num-processes", type=int, help="number of hosts/processes")
     g.add_argument("--process-id", type=int, help="this process's index")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-host run, detecting the cluster (SLURM, Cloud TPU) automatically")
 
 
 def _parse_args(argv):
@@ -54,7 +56,8 @@ def _init_runtime(args) -> None:
     from morphjax import parallel
     parallel.initialize_distributed(getattr(args, "coordinator", None),
                                     getattr(args, "num_processes", None),
-                                    getattr(args, "process_id", None))
+                                    getattr(args, "process_id", None),
+                                    auto=getattr(args, "distributed", False))
 
 
 def run_name(point: dict) -> str:

@@ -8,8 +8,8 @@ largest dimension divisible by the `fsdp` size (big_vision's `fsdp` rule), so FS
 per-model annotation. The same code runs on 1 CPU, 8 fake CPU devices and a multi-host pod.
 
 Multi-host: call `initialize_distributed()` on every host before anything touches devices
-(`morphjax train --coordinator host:port --num-processes N --process-id I`, or no arguments on
-managed clusters where `jax.distributed.initialize()` detects them). Each host then feeds its own
+(`morphjax train --coordinator host:port --num-processes N --process-id I`, or `--distributed`
+alone on managed clusters where `jax.distributed.initialize()` detects them). Each host then feeds its own
 slice of the batch (`morphjax.data` slices by `jax.process_index()`) and `global_batch` assembles
 the global `jax.Array`.
 """
@@ -31,9 +31,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Joins a multi-host run; a no-op for single-process runs without arguments."""
-    if coordinator is None and num_processes is None and process_id is None:
+                           process_id: int | None = None, *, auto: bool = False) -> None:
+    """Joins a multi-host run; a no-op for single-process runs without arguments.
+
+    `auto=True` with no addresses lets `jax.distributed.initialize()` detect a managed cluster.
+    """
+    if not auto and coordinator is None and num_processes is None and process_id is None:
         return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
