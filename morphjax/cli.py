@@ -16,6 +16,26 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, type-checked, e.g. --set train.batch_size=64 (repeatable)")
 
 
+def _add_builder_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("crops, correction, filters and splits")
+    g.add_argument("--crop", type=int, default=96, help="crop side in pixels, centred on each nucleus")
+    g.add_argument("--resize", type=int, default=None,
+                   help="resize crops to this side (IMPA large field of view: --crop 256 --resize 128)")
+    g.add_argument("--illumination", default="impa", choices=("impa", "deepprofiler", "none"),
+                   help="impa: plate 10th-percentile flat field, log, 8 bit; deepprofiler: "
+                        "median-filtered mean image, percentile stretch; none: stretch only")
+    g.add_argument("--illumination-sigma", type=float, default=50.0,
+                   help="Gaussian sigma of the impa flat field (pixels)")
+    g.add_argument("--split", default="random_cells",
+                   choices=("random_cells", "plates", "perturbations", "scaffold"))
+    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--holdout", action="append", default=[],
+                   help="plate or perturbation held out for test (repeatable)")
+    g.add_argument("--qc-min-std", type=float, default=None, help="drop crops with a flatter channel")
+    g.add_argument("--qc-min-sharpness", type=float, default=None,
+                   help="drop crops whose DNA-channel Laplacian variance is lower (blur)")
+
+
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-host (run the same command on every host)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
@@ -38,6 +58,34 @@ def _parse_args(argv):
     train.add_argument("--dry-run", action="store_true",
                        help="build model and mesh, print parameters per module and per-device memory, exit")
     _add_distributed_args(train)
+
+    build = verbs.add_parser(
+        "build", help="build a dataset: the synthetic screen, or a raw screen on disk",
+        description="Build a TFDS ArrayRecord dataset of single-cell crops. `synthetic_screen` "
+                    "first renders a procedural screen in the raw layout (data_builders/RAW_LAYOUT.md).")
+    datasets = build.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    synthetic = datasets.add_parser(
+        "synthetic_screen", help="render a synthetic screen, then build it",
+        description="Render a procedural Cell Painting screen with known ground truth into OUT/raw, "
+                    "then build single-cell crops into OUT/dataset.")
+    synthetic.add_argument("--preset", required=True,
+                           help="bbbc021_like, cellpainting_like, rxrx1_like, ops_like or multi_cell_line")
+    synthetic.add_argument("--scale", default="small", choices=("tiny", "small", "full"),
+                           help="tiny: seconds (tests); small: minutes (demo); full: realistic size")
+    synthetic.add_argument("--out", required=True, help="output directory")
+    synthetic.add_argument("--seed", type=int, default=0, help="same seed, same screen")
+    synthetic.add_argument("--shared-data", default=None,
+                           help="directory of the compound/gene tables (bbbc021/, jump_target/, "
+                                "jump_moa/); default $MORPHJAX_SHARED_DATA or ../shared/data")
+    _add_builder_args(synthetic)
+    raw = datasets.add_parser(
+        "raw_screen", help="build single-cell crops from a raw screen on disk",
+        description="Illumination-correct, crop around nuclei, filter, split and write ArrayRecord. "
+                    "The raw layout is described in data_builders/RAW_LAYOUT.md.")
+    raw.add_argument("--raw", required=True, help="raw screen directory (screen.json, index.csv, ...)")
+    raw.add_argument("--out", required=True, help="output dataset directory")
+    raw.add_argument("--seed", type=int, default=0, help="seed of the splits")
+    _add_builder_args(raw)
 
     sweep = verbs.add_parser(
         "sweep", help="run every point of a config's get_sweep(), one run directory each",
@@ -100,6 +148,36 @@ def _sweep(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from data_builders.raw_screen import build_raw_screen
+
+    options = dict(crop_size=args.crop, resize_to=args.resize, illumination=args.illumination,
+                   illumination_sigma=args.illumination_sigma, split=args.split,
+                   test_fraction=args.test_fraction, holdout=tuple(args.holdout), seed=args.seed)
+    if args.qc_min_std is not None:
+        options["qc_min_std"] = args.qc_min_std
+    if args.qc_min_sharpness is not None:
+        options["qc_min_sharpness"] = args.qc_min_sharpness
+    if args.dataset == "synthetic_screen":
+        from data_builders.synthetic_screen import simulate_screen
+
+        raw_dir, out_dir = os.path.join(args.out, "raw"), os.path.join(args.out, "dataset")
+        summary = simulate_screen(args.preset, args.scale, raw_dir, seed=args.seed,
+                                  shared_data=args.shared_data)
+        print(f"raw screen: {raw_dir}  " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    else:
+        raw_dir, out_dir = args.raw, args.out
+    report = build_raw_screen(raw_dir, out_dir, **options)
+    cells = report["cells"]
+    print(f"dataset: {out_dir} ({report['sites']} sites, channels {', '.join(report['channels'])})")
+    print("cells: " + ", ".join(f"{k} {v}" for k, v in cells.items()))
+    print("examples: " + ", ".join(f"{k} {v}" for k, v in report["examples"].items())
+          + " | perturbations: "
+          + ", ".join(f"{k} {v}" for k, v in report["perturbations_per_split"].items()))
+    print(f"full report: {os.path.join(out_dir, 'build_report.json')}")
+    return 0
+
+
 def _device_counts() -> tuple[int, int]:
     import jax
     return jax.device_count(), jax.process_count()
@@ -110,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     _init_runtime(args)
     from morphjax.config import ConfigError
     try:
-        return {"train": _train, "sweep": _sweep}[args.verb](args)
+        return {"train": _train, "sweep": _sweep, "build": _build}[args.verb](args)
     except ConfigError as e:
         print(f"morphjax {args.verb}: config error: {e}", file=sys.stderr)
         return 2

@@ -12,11 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "classifier.py") + ":tiny"
 
 
-@pytest.mark.parametrize("verb", ["train", "sweep"])
-def test_help_for_every_verb(verb):
-    out = subprocess.run([sys.executable, "-m", "morphjax.cli", verb, "--help"], capture_output=True,
-                         text=True, cwd=ROOT)
-    assert out.returncode == 0 and "--config" in out.stdout and "--workdir" in out.stdout
+@pytest.mark.parametrize("verb,flags", [
+    ("train", ("--config", "--workdir", "--dry-run")), ("sweep", ("--config", "--workdir", "--list")),
+    ("build synthetic_screen", ("--preset", "--scale", "--out", "--crop")),
+    ("build raw_screen", ("--raw", "--out", "--illumination", "--split"))])
+def test_help_for_every_verb(verb, flags):
+    out = subprocess.run([sys.executable, "-m", "morphjax.cli", *verb.split(), "--help"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and all(flag in out.stdout for flag in flags)
 
 
 def test_dry_run_prints_modules_total_and_memory(tmp_path, capsys):
@@ -53,3 +56,30 @@ def test_sweep_writes_one_run_directory_per_point(tmp_path, capsys):
         assert os.path.isdir(tmp_path / run / "checkpoints" / "2")
         with open(tmp_path / run / "config.json") as f:
             assert f"\"learning_rate\": {run.split('=')[1]}" in f.read()
+
+
+def test_build_synthetic_screen_end_to_end_into_a_grain_batch(tmp_path, capsys):
+    """tiny preset: render raw layout -> ArrayRecord -> Grain batch, in seconds."""
+    import numpy as np
+    import pandas as pd
+
+    from data_builders.raw_screen import open_split, read_tables
+    from morphjax import data
+
+    out = tmp_path / "screen"
+    assert cli.main(["build", "synthetic_screen", "--preset", "cellpainting_like", "--scale", "tiny",
+                     "--out", str(out), "--crop", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "cells: found" in printed and "build_report.json" in printed
+    index = pd.read_csv(out / "raw" / "index.csv")
+    assert {"DNA", "ER", "RNA", "AGP", "Mito", "Metadata_Plate", "Metadata_Perturbation"} <= set(index)
+    tables = read_tables(str(out / "dataset"))
+    source = open_split(str(out / "dataset"), "train")
+    batch = next(iter(data.make_train_dataset(source, batch_size=8, seed=0)))
+    assert batch["image"].shape == (8, 64, 64, 5) and batch["image"].dtype == np.uint8
+    cells = tables["cells"].set_index("cell_index")
+    # Each example's metadata agrees with its row in cells.csv.
+    for cell_index, perturbation_id in zip(batch["cell_index"], batch["perturbation_id"]):
+        assert cells.loc[int(cell_index), "perturbation_id"] == perturbation_id
+        assert cells.loc[int(cell_index), "split"] == "train"
+    assert tables["cells"]["is_control"].any() and not tables["cells"]["is_control"].all()

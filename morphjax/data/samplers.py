@@ -6,6 +6,7 @@ and resume the stream, and every process computes the same global order before t
 slice. Tables are cached for the most recent epochs.
 """
 
+import abc
 import sys
 
 import grain
@@ -27,8 +28,9 @@ class _EpochSampler(grain.MapDataset):
     def __len__(self) -> int:
         return sys.maxsize
 
+    @abc.abstractmethod
     def _make_table(self, epoch: int) -> np.ndarray:
-        raise NotImplementedError
+        """The parent indices read in `epoch` (subclasses define the sampling)."""
 
     def _table(self, epoch: int) -> np.ndarray:
         table = self._tables.get(epoch)
