@@ -417,7 +417,8 @@ def image_grid(
 ) -> np.ndarray:
     """Composites NHWC fluorescence images to RGB and tiles them, row by row, into one uint8 image.
 
-    Channels are mixed additively: rgb = clip(sum_c channel_c * colour_c, 0, 1), with
+    Channels are mixed additively: rgb = sum_c channel_c * colour_c, divided by its largest
+    component where that exceeds 1 (keeps the hue of overlapping stains), with
     `default_channel_colors(C)` unless `channel_colors` is given. Image i goes to row i // ncols,
     column i % ncols; `ncols` defaults to ceil(sqrt(N)). Cells are separated by `padding` pixels
     of `pad_value`, which also fills unused cells.
@@ -489,7 +490,10 @@ def _composite(images: np.ndarray, channel_colors, normalize: str) -> np.ndarray
             f"channel_colors has {colors.shape[0]} colours but the images have {num_channels} channels."
         )
     x = normalize_channels(images, normalize)
-    return np.clip(np.einsum("nhwc,ck->nhwk", x, colors), 0.0, 1.0)
+    rgb = np.einsum("nhwc,ck->nhwk", x, colors)
+    # Where overlapping stains sum past 1, scale the pixel down instead of clipping each
+    # component: clipping turns every 4-5-channel cytoplasm into the same saturated yellow/white.
+    return rgb / np.maximum(rgb.max(axis=-1, keepdims=True), 1.0)
 
 
 def _tile(rgb: np.ndarray, ncols: int, padding: int, pad_value: int) -> np.ndarray:

@@ -170,7 +170,8 @@ def test_only_process_zero_writes_by_default(tmp_path, monkeypatch):
 
 def _reference_composite(values_01, palette):
     """values_01: (N, C) per-image constant channel values in [0, 1] -> (N, 3) uint8 colours."""
-    rgb = np.clip(values_01 @ np.asarray(palette, np.float64), 0.0, 1.0)
+    rgb = values_01 @ np.asarray(palette, np.float64)
+    rgb = rgb / np.maximum(rgb.max(axis=1, keepdims=True), 1.0)  # hue kept where stains overlap
     return np.round(rgb * 255).astype(np.uint8)
 
 
