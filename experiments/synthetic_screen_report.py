@@ -89,8 +89,10 @@ def report(preset: str, dataset_dir: str, out_png: str, max_cells: int, seed: in
     controls = features[is_control]
     mu, sd = controls.mean(0), controls.std(0) + 1e-6
     z = (features - mu) / sd
-    group_col = "moa" if meta["moa"].fillna("").astype(str).str.len().gt(0).any() else "complex"
-    groups = meta[group_col].fillna("").astype(str)
+    # Compounds group by MoA, genetic perturbations by protein complex.
+    moa, complex_ = meta["moa"].fillna("").astype(str), meta["complex"].fillna("").astype(str)
+    meta["group"] = moa.where(moa != "", complex_)
+    groups, group_col = meta["group"], "MoA/complex"
 
     print(f"\n== {preset}: {len(meta)} crops, {int(is_control.sum())} controls, "
           f"{meta['Metadata_Perturbation'].nunique()} perturbations, {features.shape[1]} statistics")
@@ -106,7 +108,7 @@ def report(preset: str, dataset_dir: str, out_png: str, max_cells: int, seed: in
     profiles = pd.DataFrame(z[~is_control]).groupby(
         meta.loc[~is_control, "Metadata_Perturbation"].to_numpy()).mean()
     labels = meta.drop_duplicates("Metadata_Perturbation").set_index("Metadata_Perturbation")
-    labels = labels.loc[profiles.index, group_col].fillna("").astype(str).to_numpy()
+    labels = labels.loc[profiles.index, "group"].to_numpy()
     unit = profiles.to_numpy() / (np.linalg.norm(profiles.to_numpy(), axis=1, keepdims=True) + 1e-9)
     cosine = unit @ unit.T
     same = (labels[:, None] == labels[None, :]) & (labels[:, None] != "")
