@@ -34,9 +34,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: nnx.State, data_iter: Any, config_json: str) -> None:
         """Starts an asynchronous save of everything needed to resume at `step`."""
         args = {"state": ocp.args.StandardSave(state),
