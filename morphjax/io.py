@@ -5,6 +5,7 @@ The data goes to a temporary file in the destination directory (same filesystem,
 """
 
 import json
+import contextlib
 import os
 import secrets
 from typing import Any
@@ -69,8 +70,7 @@ def _fsync_directory(directory: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
