@@ -4,8 +4,8 @@ The data goes to a temporary file in the destination directory (same filesystem,
 `os.replace` is atomic), is fsynced, and is then renamed over the destination.
 """
 
-import json
 import contextlib
+import json
 import os
 import secrets
 from typing import Any
