@@ -1,0 +1,160 @@
+"""Converts pytorch-fid's FID Inception state dict into the NNX `InceptionV3FID`.
+
+The public file `pt_inception-2015-12-05-6726825d.pth` is a torch state dict whose keys are
+torchvision's Inception3 names (`Mixed_5b.branch1x1.conv.weight`, `...bn.running_var`, `fc.weight`).
+Mapping: conv weight OIHW -> HWIO kernel; BatchNorm weight/bias/running_mean/running_var ->
+scale/bias/mean/var (eps 0.001 lives in the module); fc weight (out, in) -> kernel (in, out).
+`num_batches_tracked` is training bookkeeping and is dropped. Reading `.pth` needs torch (an
+optional dependency used only here); the converted `.npz` loads without torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from morphjax import io as morphjax_io
+from morphjax.features import inception
+
+WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_FILENAME)
+CONVERTED_FILENAME = "inception_fid.npz"
+FORMAT_KEY = "__format__"
+FORMAT = "morphjax-inception-fid-v1"
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def _nnx_path(torch_key: str) -> tuple[str, ...] | None:
+    """Torch key -> NNX state path; None for keys that carry no weights."""
+    parts = torch_key.split(".")
+    if parts[-1] == "num_batches_tracked":
+        return None
+    if parts[0] == "fc":
+        return ("fc", {"weight": "kernel", "bias": "bias"}[parts[1]])
+    if len(parts) >= 3 and parts[-2] == "conv" and parts[-1] == "weight":
+        return tuple(parts[:-1]) + ("kernel",)
+    if len(parts) >= 3 and parts[-2] == "bn" and parts[-1] in _BN_NAMES:
+        return tuple(parts[:-1]) + (_BN_NAMES[parts[-1]],)
+    raise KeyError(torch_key)
+
+
+def _to_nnx_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if path[-1] == "kernel" and value.ndim == 2:
+        return value.T  # (out, in) -> (in, out)
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_split(resize_input: bool, precision: jax.lax.Precision | None):
+    """(graphdef, shape-only state) of the module; tracing its init takes seconds, so cached."""
+    return nnx.split(inception.create_inception(resize_input=resize_input, precision=precision,
+                                                abstract=True))
+
+
+def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
+    _, state = _abstract_split(True, jax.lax.Precision.HIGHEST)
+    flat = nnx.to_flat_state(state)
+    return {tuple(str(k) for k in path): tuple(var.get_value().shape) for path, var in flat}
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Torch-named arrays -> {"Mixed_5b/branch1x1/conv/kernel": HWIO array, ...}, all checked."""
+    expected = _expected_shapes()
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("AuxLogits."):
+            raise ValueError(
+                f"state dict has {key!r}: this is torchvision's ImageNet Inception, not the FID "
+                f"Inception ({WEIGHTS_FILENAME}), which has no aux head")
+        try:
+            path = _nnx_path(key)
+        except KeyError:
+            raise ValueError(f"unexpected key {key!r} in the Inception state dict") from None
+        if path is None:
+            continue
+        if path not in expected:
+            raise ValueError(f"unexpected key {key!r} in the Inception state dict")
+        array = _to_nnx_layout(path, np.asarray(value, dtype=np.float32))
+        if array.shape != expected[path]:
+            raise ValueError(f"{key!r} has shape {np.shape(value)}; the FID Inception expects "
+                             f"{expected[path]} after conversion, got {array.shape}")
+        converted["/".join(path)] = array
+    missing = sorted("/".join(p) for p in expected if "/".join(p) not in converted)
+    if missing:
+        raise ValueError(f"Inception state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
+    return converted
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a `.pth` state dict as NumPy arrays; torch is imported only here."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights file {path!r} does not exist")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"reading {path!r} needs torch (`pip install torch`); convert it once on a machine "
+            "with torch: `morphjax convert-weights inception IN.pth OUT.npz`") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def convert_inception(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """`morphjax convert-weights inception IN.pth OUT`: writes the NNX params as `.npz`."""
+    arrays = convert_state_dict(read_torch_state_dict(in_path))
+    arrays[FORMAT_KEY] = np.array(FORMAT)
+    out_path = os.fspath(out_path)
+    if not out_path.endswith(".npz"):
+        out_path += ".npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    morphjax_io.atomic_write_bytes(out_path, buffer.getvalue())
+    return out_path
+
+
+def inception_from_arrays(arrays: dict[str, np.ndarray], *, resize_input: bool = True,
+                          precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
+                          ) -> inception.InceptionV3FID:
+    """Fills a shape-only `InceptionV3FID` with converted arrays (no random init cost)."""
+    graphdef, state = _abstract_split(resize_input, precision)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = "/".join(str(k) for k in path)
+        if key not in arrays:
+            raise ValueError(f"converted Inception weights lack {key!r}")
+        flat.append((path, var.replace(jnp.asarray(arrays[key], jnp.float32))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_converted_inception(path: str | os.PathLike, **kwargs) -> inception.InceptionV3FID:
+    """Loads a `.npz` written by `convert_inception` (torch not needed)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"converted Inception weights {path!r} do not exist")
+    with np.load(path) as data:
+        if FORMAT_KEY not in data or str(data[FORMAT_KEY]) != FORMAT:
+            raise ValueError(f"{path!r} is not a converted Inception file (written by "
+                             "`morphjax convert-weights inception`)")
+        arrays = {k: data[k] for k in data.files if k != FORMAT_KEY}
+    return inception_from_arrays(arrays, **kwargs)
+
+
+def load_inception(path: str | os.PathLike, **kwargs) -> inception.InceptionV3FID:
+    """Loads the FID Inception from the torch `.pth` file or a converted `.npz`."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        return load_converted_inception(path, **kwargs)
+    return inception_from_arrays(convert_state_dict(read_torch_state_dict(path)), **kwargs)
