@@ -87,6 +87,48 @@ def _parse_args(argv):
     raw.add_argument("--seed", type=int, default=0, help="seed of the splits")
     _add_builder_args(raw)
 
+    evaluate = verbs.add_parser(
+        "evaluate", help="metrics on two image sets, two embedding tables, or a profile table",
+        description="Compute a named metric set and write OUT/metrics.json plus a printed table. "
+                    "Each value is labelled with the feature space it was computed in.")
+    evaluate.add_argument("--real", help="real images (N,H,W,C) or embeddings (N,D): .npy/.npz")
+    evaluate.add_argument("--fake", help="generated images or embeddings, same kind as --real")
+    evaluate.add_argument("--metrics", default="fid,kid,prdc",
+                          help="comma-separated subset of fid,kid,is,mmd,prdc")
+    evaluate.add_argument("--features", default="inception", choices=("inception", "model"),
+                          help="feature space for images: FID Inception, or a trained morphjax model")
+    evaluate.add_argument("--weights", help="FID Inception weights (.pth or converted .npz)")
+    evaluate.add_argument("--rgb", default="first3", choices=("first3", "weights"),
+                          help="how >3-channel images become RGB for Inception: first three "
+                               "channels (IMPA) or MorphDiff's channel weights")
+    evaluate.add_argument("--checkpoint", help="morphjax train workdir whose model embeds the images")
+    evaluate.add_argument("--model", help="which model of that run (if it has several)")
+    evaluate.add_argument("--profiles", help="profile table (.csv/.parquet): Metadata_* columns + features")
+    evaluate.add_argument("--sameby", default="Metadata_Perturbation",
+                          help="profiles sharing this column are positives (replicate retrieval)")
+    evaluate.add_argument("--null-size", type=int, default=10000)
+    evaluate.add_argument("--threshold", type=float, default=0.05)
+    evaluate.add_argument("--k", type=int, default=5, help="neighbours for precision/recall/density/coverage")
+    evaluate.add_argument("--batch-size", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="output directory")
+
+    bench = verbs.add_parser("bench", help="benchmarks that print side-by-side timings")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    bench_metrics = suites.add_parser(
+        "metrics", help="FID, KID, density/coverage and mAP: morphjax vs SciPy/NumPy, prdc, copairs")
+    bench_metrics.add_argument("--fid-sizes", default="10000,50000", help="sample counts for FID/KID")
+    bench_metrics.add_argument("--map-sizes", default="5000,20000", help="profile counts for mAP")
+    bench_metrics.add_argument("--dim", type=int, default=2048)
+    bench_metrics.add_argument("--repeats", type=int, default=1)
+    bench_metrics.add_argument("--out", help="also write the table as CSV")
+
+    convert = verbs.add_parser("convert-weights", help="convert public pretrained weights")
+    convert.add_argument("model", choices=("inception",),
+                         help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    convert.add_argument("input", help="the downloaded weights file")
+    convert.add_argument("output", help="converted .npz (reads without torch)")
+
     sweep = verbs.add_parser(
         "sweep", help="run every point of a config's get_sweep(), one run directory each",
         description="Expand get_sweep(arg) of a config file into one run directory per point under "
@@ -178,6 +220,26 @@ def _build(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from morphjax import evaluate
+    return evaluate.run(args)
+
+
+def _bench(args) -> int:
+    from morphjax.benchmarks import bench_metrics
+    sizes = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+    table = bench_metrics(sizes(args.fid_sizes), sizes(args.map_sizes), args.dim, args.repeats)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    return 0
+
+
+def _convert_weights(args) -> int:
+    from morphjax.features import convert_inception
+    print(f"written: {convert_inception(args.input, args.output)}")
+    return 0
+
+
 def _device_counts() -> tuple[int, int]:
     import jax
     return jax.device_count(), jax.process_count()
@@ -188,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     _init_runtime(args)
     from morphjax.config import ConfigError
     try:
-        return {"train": _train, "sweep": _sweep, "build": _build}[args.verb](args)
+        verbs = {"train": _train, "sweep": _sweep, "build": _build, "evaluate": _evaluate,
+                 "bench": _bench, "convert-weights": _convert_weights}
+        return verbs[args.verb](args)
     except ConfigError as e:
         print(f"morphjax {args.verb}: config error: {e}", file=sys.stderr)
         return 2

@@ -83,3 +83,66 @@ def test_build_synthetic_screen_end_to_end_into_a_grain_batch(tmp_path, capsys):
         assert cells.loc[int(cell_index), "perturbation_id"] == perturbation_id
         assert cells.loc[int(cell_index), "split"] == "train"
     assert tables["cells"]["is_control"].any() and not tables["cells"]["is_control"].all()
+
+
+def test_evaluate_embeddings_profiles_and_model_checkpoint(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from morphjax import metrics
+    from morphjax.data import make_shapes_dataset
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 16)).astype(np.float32)
+    fake = (rng.standard_normal((300, 16)) + 0.5).astype(np.float32)
+    np.save(tmp_path / "real.npy", real)
+    np.save(tmp_path / "fake.npy", fake)
+    assert cli.main(["evaluate", "--real", str(tmp_path / "real.npy"), "--fake",
+                     str(tmp_path / "fake.npy"), "--metrics", "fid,prdc", "--out",
+                     str(tmp_path / "e1")]) == 0
+    values = json.loads((tmp_path / "e1" / "metrics.json").read_text())["metrics"]
+    assert values["fid[embeddings]"] == pytest.approx(metrics.fid(real, fake), rel=1e-9)
+    assert values["coverage[embeddings]"] == pytest.approx(metrics.prdc(real, fake, k=5)["coverage"])
+    assert "fid[embeddings]" in capsys.readouterr().out
+
+    groups = rng.integers(0, 20, 200)
+    table = pd.DataFrame(rng.standard_normal((20, 8))[groups] + rng.standard_normal((200, 8)))
+    table.columns = [f"f{i}" for i in range(8)]
+    table.insert(0, "Metadata_Perturbation", groups)
+    table.to_csv(tmp_path / "profiles.csv", index=False)
+    assert cli.main(["evaluate", "--profiles", str(tmp_path / "profiles.csv"), "--null-size", "200",
+                     "--out", str(tmp_path / "e2")]) == 0
+    values = json.loads((tmp_path / "e2" / "metrics.json").read_text())["metrics"]
+    ap = metrics.average_precision(table[[f"f{i}" for i in range(8)]].to_numpy(np.float32),
+                                   table[["Metadata_Perturbation"]], ["Metadata_Perturbation"], [],
+                                   [], ["Metadata_Perturbation"])
+    maps = metrics.mean_average_precision(ap, ["Metadata_Perturbation"], 200, 0.05, 0)
+    assert values["mean_ap[profiles]"] == pytest.approx(maps["mean_average_precision"].mean())
+    assert values["fraction_retrieved[profiles]"] > 0.5  # replicates of distinct centres retrieve
+    assert (tmp_path / "e2" / "mean_average_precision.csv").exists()
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", TINY, "--workdir", str(run), "--set", "train.total_steps=2",
+                     "--set", "train.eval_every=0"]) == 0
+    images = make_shapes_dataset(64, image_size=16, seed=3)["image"]
+    np.save(tmp_path / "a.npy", images[:32])
+    np.save(tmp_path / "b.npy", images[32:])
+    assert cli.main(["evaluate", "--real", str(tmp_path / "a.npy"), "--fake", str(tmp_path / "b.npy"),
+                     "--features", "model", "--checkpoint", str(run), "--metrics", "fid,kid",
+                     "--out", str(tmp_path / "e3")]) == 0
+    values = json.loads((tmp_path / "e3" / "metrics.json").read_text())["metrics"]
+    assert set(values) == {"fid[model:classifier@2]", "kid_mean[model:classifier@2]",
+                           "kid_std[model:classifier@2]"}
+    assert np.isfinite(list(values.values())).all()
+
+
+def test_bench_metrics_prints_side_by_side_table(capsys):
+    assert cli.main(["bench", "metrics", "--fid-sizes", "1200", "--map-sizes", "300",
+                     "--dim", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("fid", "kid", "density", "mAP"))]
+    assert len(rows) == 4 and "speedup" in out and "device:" in out
+    fid_ours, fid_ref = (float(v) for v in rows[0].split()[-3::2])
+    assert fid_ours == pytest.approx(fid_ref, rel=1e-5)
