@@ -40,8 +40,8 @@ def scipy_fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 def numpy_kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int,
               seed: int) -> float:
-    """torch-fidelity's unbiased polynomial-kernel MMD^2, averaged over random subsets."""
-    rng = np.random.default_rng(seed)
+    """torch-fidelity's unbiased polynomial-kernel MMD^2, averaged over the same random subsets."""
+    rng = np.random.RandomState(seed)
     d = real.shape[1]
     values = []
     for _ in range(subsets):
