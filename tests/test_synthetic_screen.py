@@ -414,12 +414,17 @@ def test_penetrance_sets_the_fraction_of_responders():
             assert cells[responder, column].mean() == pytest.approx(2.0 * np.exp(0.02), rel=0.05)
 
 
-def test_ground_truth_responders_follow_penetrance_and_strength(tiny_screens):
-    root, _ = tiny_screens["bbbc021_like"]
+def _cells_with_treatment(root):
+    """Ground-truth cells joined with their site's perturbation and dose."""
     index = pd.read_csv(root / "index.csv")
-    cells = pd.read_csv(root / "ground_truth" / "cells.csv").merge(
+    return pd.read_csv(root / "ground_truth" / "cells.csv").merge(
         index[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Perturbation",
                "Metadata_Dose"]])
+
+
+def test_ground_truth_responders_follow_penetrance_and_strength(tiny_screens):
+    root, _ = tiny_screens["bbbc021_like"]
+    cells = _cells_with_treatment(root)
     truth = pd.read_csv(root / "ground_truth" / "perturbations.csv", keep_default_na=False)
     penetrance = dict(zip(truth["perturbation"], truth["penetrance"]))
     columns = [f"phenotype_{p}" for p in phenotype.PHENOTYPE]
@@ -440,10 +445,7 @@ def test_ground_truth_responders_follow_penetrance_and_strength(tiny_screens):
 
 def test_ground_truth_shift_follows_the_dose_response(tiny_screens):
     root, _ = tiny_screens["bbbc021_like"]
-    index = pd.read_csv(root / "index.csv")
-    cells = pd.read_csv(root / "ground_truth" / "cells.csv").merge(
-        index[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Perturbation",
-               "Metadata_Dose"]])
+    cells = _cells_with_treatment(root)
     truth = pd.read_csv(root / "ground_truth" / "perturbations.csv").set_index("perturbation")
     columns = [f"phenotype_{p}" for p in phenotype.PHENOTYPE]
     control = cells[cells["Metadata_Perturbation"] == "DMSO"][columns].to_numpy()

@@ -253,22 +253,21 @@ def load_reference_smiles(data_dir: Path) -> list[str]:
     return sorted(smiles)
 
 
+def _load_genetic(data_dir: Path, table: str, sequence_column: str) -> pd.DataFrame:
+    t = _read_table(data_dir, table, ["broad_sample", "gene", "control_type", sequence_column])
+    return pd.DataFrame(dict(perturbation=t["broad_sample"], gene=t["gene"],
+                             sequence=t[sequence_column],
+                             is_negcon=(t["control_type"] == "negcon").to_numpy()))
+
+
 def load_guides(data_dir: Path) -> pd.DataFrame:
     """JUMP-Target-1 CRISPR guides: perturbation, gene, sequence, is_negcon."""
-    t = _read_table(data_dir, JUMP_TARGET_CRISPR,
-                    ["broad_sample", "gene", "control_type", "target_sequence"])
-    return pd.DataFrame(dict(perturbation=t["broad_sample"], gene=t["gene"],
-                             sequence=t["target_sequence"],
-                             is_negcon=(t["control_type"] == "negcon").to_numpy()))
+    return _load_genetic(data_dir, JUMP_TARGET_CRISPR, "target_sequence")
 
 
 def load_orfs(data_dir: Path) -> pd.DataFrame:
     """JUMP-Target-1 ORFs: perturbation, gene, sequence (insert), is_negcon."""
-    t = _read_table(data_dir, JUMP_TARGET_ORF,
-                    ["broad_sample", "gene", "control_type", "target_matching_region_seq"])
-    return pd.DataFrame(dict(perturbation=t["broad_sample"], gene=t["gene"],
-                             sequence=t["target_matching_region_seq"],
-                             is_negcon=(t["control_type"] == "negcon").to_numpy()))
+    return _load_genetic(data_dir, JUMP_TARGET_ORF, "target_matching_region_seq")
 
 
 def sirna_sequences(gene: str, cds: str, n: int, design_seed: int) -> list[str]:
