@@ -5,6 +5,7 @@ The data goes to a temporary file in the destination directory (same filesystem,
 """
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -52,6 +53,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
             f"Cannot write {os.fspath(path)}: {e}. Replace NaN/inf values (e.g. with None) first."
         ) from e
     atomic_write_text(path, text + "\n")
+
+
+def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes `array` in .npy format to `path` atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _to_builtin(value: Any) -> Any:
