@@ -363,4 +363,4 @@ def test_model_extractor_wraps_trained_model_features():
     plain = features.get_extractor("model", apply=lambda x: x.mean(axis=(1, 2)))
     np.testing.assert_allclose(np.asarray(plain(images)), images.mean(axis=(1, 2)), atol=1e-7)
     with pytest.raises(ValueError, match="unknown feature extractor"):
-        features.get_extractor("classical")
+        features.get_extractor("cellprofiler")

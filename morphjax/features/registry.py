@@ -3,6 +3,8 @@
 * `inception`: the FID Inception (pytorch-fid weights), pool3 2048-d or the 1008 logits.
 * `model`: any callable `apply(images NHWC float) -> features`, e.g. a trained morphjax model's
   `features` method, so FID/KID/PRDC can be computed in a domain-specific feature space.
+* `classical`: CellProfiler-style features (shape, intensity, texture, ...; features/classical),
+  named per column, so metrics and profiles can be read feature by feature.
 
 Each extractor carries a `label` so every reported metric can say which feature space it used.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from morphjax.features import convert
+from morphjax.features.classical import classical_feature_fn
 
 DEFAULT_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 
@@ -84,12 +87,14 @@ def to_rgb(images: np.ndarray | jax.Array, mode: str = "weights", *,
 
 @dataclasses.dataclass(frozen=True)
 class Extractor:
-    """A feature space: `apply(images) -> (N, dim)` on device, plus a label for reports."""
+    """A feature space: `apply(images) -> (N, dim)` on device, plus a label for reports and,
+    where features have names (classical), one name per column."""
 
     name: str
     label: str
     apply: Callable[[jax.Array], jax.Array]
     dim: int | None = None
+    feature_names: tuple[str, ...] | None = None
 
     def __call__(self, images: np.ndarray | jax.Array) -> jax.Array:
         return self.apply(jnp.asarray(images))
@@ -190,14 +195,30 @@ def _model_extractor(apply: Callable, label: str = "model", dim: int | None = No
     return Extractor(name="model", label=label, apply=fn, dim=dim)
 
 
+def _classical_extractor(channel_names: Sequence[str] = DEFAULT_CHANNELS,
+                         nucleus_channel: str = "DNA", cell_channel: str | None = None,
+                         image_shape: Sequence[int] | None = None, **options) -> Extractor:
+    """Images NHWC in [-1, 1] (the model range, as for `inception`), clipped to [0, 1] first;
+    `options` are morphjax.features.classical.ClassicalConfig fields."""
+    fn, names = classical_feature_fn(image_shape, channel_names, nucleus_channel, cell_channel,
+                                     **options)
+
+    def apply(images: jax.Array) -> jax.Array:
+        return fn(jnp.clip((jnp.asarray(images, jnp.float32) + 1) / 2, 0, 1))
+
+    return Extractor(name="classical", label=f"classical/{len(names)} features", apply=apply,
+                     dim=len(names), feature_names=tuple(names))
+
+
 _REGISTRY: dict[str, Callable[..., Extractor]] = {
     "inception": _inception_extractor,
     "model": _model_extractor,
+    "classical": _classical_extractor,
 }
 
 
 def get_extractor(name: str, **kwargs) -> Extractor:
-    """Builds the named feature extractor ("inception" or "model")."""
+    """Builds the named feature extractor ("inception", "model" or "classical")."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown feature extractor {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)
