@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import pandas as pd
-from flax import nnx
 
 from morphjax import metrics
 from morphjax.features import get_extractor
@@ -42,15 +41,10 @@ def load_array(path: str) -> np.ndarray:
 
 def model_extractor(run_dir: str, model_name: str | None = None):
     """A trained morphjax model's `features` method as the feature space (EMA weights if kept)."""
-    from morphjax import config as cfg
-    from morphjax.checkpoint import restore_state
-    from morphjax.train import loop
+    from morphjax.runs import load_run
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = cfg.from_json(f.read())
-    s = loop.setup(config, devices=jax.devices()[:1]) if _fits_one(config) else loop.setup(config)
-    state, step = restore_state(os.path.join(run_dir, "checkpoints"), s.abstract_state, s.shardings)
-    train_state = nnx.merge(s.graphdef, state)
+    run = load_run(run_dir)
+    train_state, step = run.state, run.step
     names = sorted(train_state.models)
     if model_name is None:
         if len(names) != 1:
@@ -62,10 +56,6 @@ def model_extractor(run_dir: str, model_name: str | None = None):
     if not hasattr(model, "features"):
         raise ValueError(f"model {model_name!r} has no features() method to embed images with")
     return get_extractor("model", apply=model.features, label=f"model:{model_name}@{step}")
-
-
-def _fits_one(config) -> bool:
-    return all(int(config.mesh[a]) in (1, -1) for a in ("data", "fsdp", "tensor"))
 
 
 def generative_metrics(real: np.ndarray, fake: np.ndarray, names: Sequence[str], *,

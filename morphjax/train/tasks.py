@@ -14,6 +14,7 @@ from morphjax.train.state import TrainState
 # config.task -> "module:Class". Later model families register here.
 TASKS = {
     "classifier": "morphjax.train.classifier:ClassifierTask",
+    "impa": "morphjax.train.impa:ImpaTask",  # IMPA and GRAPE
 }
 
 
