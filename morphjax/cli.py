@@ -91,6 +91,11 @@ def _parse_args(argv):
         "evaluate", help="metrics on two image sets, two embedding tables, or a profile table",
         description="Compute a named metric set and write OUT/metrics.json plus a printed table. "
                     "Each value is labelled with the feature space it was computed in.")
+    evaluate.add_argument("--workdir", help="an IMPA/GRAPE run: evaluate it on its test split "
+                          "(FID/KID/coverage vs the controls baseline, MoA accuracy, ...)")
+    evaluate.add_argument("--spaces", default="classical",
+                          help="with --workdir: feature spaces, comma-separated (classical, inception)")
+    evaluate.add_argument("--samples", type=int, help="with --workdir: cells per perturbation")
     evaluate.add_argument("--real", help="real images (N,H,W,C) or embeddings (N,D): .npy/.npz")
     evaluate.add_argument("--fake", help="generated images or embeddings, same kind as --real")
     evaluate.add_argument("--metrics", default="fid,kid,prdc",
@@ -113,6 +118,45 @@ def _parse_args(argv):
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="output directory")
 
+    sample = verbs.add_parser(
+        "sample", help="IMPA/GRAPE: transform control cells into a perturbation; PNG grid + arrays",
+        description="Writes OUT/<perturbation>.png (rows: control | generated | real treated) and "
+                    "OUT/<perturbation>.npz (uint8 arrays). Unseen perturbations are predicted "
+                    "from their embeddings.")
+    sample.add_argument("--workdir", required=True, help="a trained IMPA/GRAPE run")
+    sample.add_argument("--perturbation", required=True,
+                        help="perturbation name (batch-correction runs: batch name or id)")
+    sample.add_argument("--n", type=int, default=16, help="cells to transform")
+    sample.add_argument("--from-controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="start from test-split control cells (default) or from any test cell")
+    sample.add_argument("--interpolate-to", metavar="PERTURBATION",
+                        help="also write a style-space interpolation towards this perturbation")
+    sample.add_argument("--steps", type=int, default=8, help="interpolation steps")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="output directory (default WORKDIR/samples_cli)")
+
+    embed = verbs.add_parser(
+        "embed", help="IMPA/GRAPE: export the perturbation style space and learned tables",
+        description="Writes perturbation_styles (mean style vector over noise draws per "
+                    "perturbation) and, for runs that learn one, gene_embeddings / "
+                    "domain_embeddings, as Parquet with Metadata_ columns.")
+    embed.add_argument("--workdir", required=True)
+    embed.add_argument("--out", help="output directory (default WORKDIR/embeddings)")
+    embed.add_argument("--noise-draws", type=int, default=20)
+    embed.add_argument("--seed", type=int, default=0)
+
+    demo = verbs.add_parser(
+        "demo", help="the main job: synthetic screen -> IMPA -> metrics and image grids",
+        description="Builds the small synthetic screen if absent, trains IMPA (configs/impa.py:"
+                    "synthetic), evaluates it and writes sample grids. Re-running resumes/reuses.")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--data", default="runs/data/bbbc021_like_small",
+                      help="where the synthetic screen is (or will be) built")
+    demo.add_argument("--steps", type=int, help="override train.total_steps")
+    demo.add_argument("--preset", default="synthetic", help="preset of configs/impa.py")
+    demo.add_argument("--scale", default="small", choices=("tiny", "small", "full"))
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     bench = verbs.add_parser("bench", help="benchmarks that print side-by-side timings")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     bench_metrics = suites.add_parser(
@@ -122,6 +166,32 @@ def _parse_args(argv):
     bench_metrics.add_argument("--dim", type=int, default=2048)
     bench_metrics.add_argument("--repeats", type=int, default=1)
     bench_metrics.add_argument("--out", help="also write the table as CSV")
+    bench_features = suites.add_parser(
+        "features", help="classical cell features: morphjax (jit, batched) vs scikit-image per crop")
+    bench_features.add_argument("--n", type=int, default=1024, help="synthetic-screen crops")
+    bench_features.add_argument("--size", type=int, default=96, help="crop side in pixels")
+    bench_features.add_argument("--channels", type=int, default=3, choices=(3, 5),
+                                help="3: bbbc021_like (DNA, Tubulin, Actin); 5: cellpainting_like")
+    bench_features.add_argument("--batch-size", type=int, default=256)
+    bench_features.add_argument("--reference-n", type=int,
+                                help="crops timed with scikit-image (default --n), scaled to --n")
+    bench_features.add_argument("--repeats", type=int, default=1)
+    bench_features.add_argument("--out", help="also write the table as CSV")
+    bench_impa = suites.add_parser(
+        "impa", help="IMPA train-step images/s at the paper config; vs the PyTorch reference",
+        description="Times the IMPA train step (configs/impa.py preset, random batch) on the "
+                    "current devices; with --torch-reference, the public PyTorch implementation "
+                    "on the same batch, side by side.")
+    bench_impa.add_argument("--preset", default="bbbc021", help="configs/impa.py preset")
+    bench_impa.add_argument("--batch-size", type=int, help="default: the preset's (paper: 32)")
+    bench_impa.add_argument("--steps", type=int, default=10, help="timed steps")
+    bench_impa.add_argument("--warmup", type=int, default=2)
+    bench_impa.add_argument("--conditions", type=int, default=5, help="perturbations (D heads)")
+    bench_impa.add_argument("--torch-reference", metavar="DIR",
+                            help="root of a theislab/IMPA checkout (needs torch and munch)")
+    bench_impa.add_argument("--set", dest="overrides", action="append", default=[],
+                            metavar="KEY=VALUE", help="config override, e.g. compute_dtype=bfloat16")
+    bench_impa.add_argument("--out", help="also write the table as CSV")
 
     convert = verbs.add_parser("convert-weights", help="convert public pretrained weights")
     convert.add_argument("model", choices=("inception",),
@@ -221,14 +291,61 @@ def _build(args) -> int:
 
 
 def _evaluate(args) -> int:
+    if args.workdir:
+        from morphjax import impa_eval
+        spaces = tuple(x for x in args.spaces.split(",") if x)
+        result = impa_eval.evaluate_run(args.workdir, args.out, spaces=spaces,
+                                        inception_weights=args.weights,
+                                        samples_per_perturbation=args.samples, seed=args.seed)
+        print(f"written: {os.path.join(args.out, 'metrics.json')} (step {result['run']['step']})")
+        return 0
     from morphjax import evaluate
     return evaluate.run(args)
 
 
+def _sample(args) -> int:
+    from morphjax import predict
+    from morphjax.runs import load_run
+    paths = predict.sample(load_run(args.workdir), args.perturbation,
+                           args.out or os.path.join(args.workdir, "samples_cli"), n=args.n,
+                           from_controls=args.from_controls, interpolate_to=args.interpolate_to,
+                           steps=args.steps, seed=args.seed)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _embed(args) -> int:
+    from morphjax import predict
+    from morphjax.runs import load_run
+    paths = predict.embed(load_run(args.workdir), args.out or os.path.join(args.workdir, "embeddings"),
+                          n_noise=args.noise_draws, seed=args.seed)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _demo(args) -> int:
+    from morphjax.demo import run_demo
+    run_demo(args.workdir, args.data, steps=args.steps, preset=args.preset, scale=args.scale,
+             overrides=tuple(args.overrides))
+    return 0
+
+
 def _bench(args) -> int:
-    from morphjax.benchmarks import bench_metrics
+    from morphjax.benchmarks import bench_features, bench_metrics
     sizes = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
-    table = bench_metrics(sizes(args.fid_sizes), sizes(args.map_sizes), args.dim, args.repeats)
+    if args.suite == "impa":
+        from morphjax.bench_impa import bench_impa
+        table = bench_impa(args.preset, batch_size=args.batch_size, steps=args.steps,
+                           warmup=args.warmup, num_domains=args.conditions,
+                           overrides=tuple(args.overrides), torch_reference=args.torch_reference)
+    elif args.suite == "features":
+        table = bench_features(args.n, args.size, args.channels, args.repeats, args.batch_size,
+                               args.reference_n)
+    else:
+        table = bench_metrics(sizes(args.fid_sizes), sizes(args.map_sizes), args.dim,
+                              args.repeats)
     if args.out:
         table.to_csv(args.out, index=False)
     return 0
@@ -251,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     from morphjax.config import ConfigError
     try:
         verbs = {"train": _train, "sweep": _sweep, "build": _build, "evaluate": _evaluate,
-                 "bench": _bench, "convert-weights": _convert_weights}
+                 "bench": _bench, "convert-weights": _convert_weights, "sample": _sample,
+                 "embed": _embed, "demo": _demo}
         return verbs[args.verb](args)
     except ConfigError as e:
         print(f"morphjax {args.verb}: config error: {e}", file=sys.stderr)
