@@ -424,7 +424,8 @@ def _evaluate_transfer(run, out_dir, spaces, inception_weights, per_domain, pca_
         for kind, f in (("original", projection(original)), ("corrected", projection(moved))):
             clusters = metrics.kmeans(f, k=min(10, len(f) - 1), n_init=10, seed=seed).labels
             entry[kind] = {"silhouette_batch": metrics.silhouette_batch(f, labels, cell_type),
-                           "ilisi": float(metrics.ilisi(f, labels)),
+                           "ilisi": float(metrics.ilisi(f, labels,
+                                                        perplexity=min(30.0, (len(f) - 1) // 3))),
                            "batch_entropy": metrics.batch_entropy(clusters, labels),
                            "gini": metrics.gini(clusters, labels),
                            "batch_knn_accuracy": metrics.knn_accuracy(f, labels, k=c.eval.knn)}

@@ -282,3 +282,18 @@ def test_all_presets_load():
     assert cfg.load_config(f"{IMPA}:bbbc021").model.noise_dim == 16
     assert cfg.load_config(f"{IMPA}:rxrx1_batch").model.learned_embedding_dim == 100
     assert cfg.load_config(f"{GRAPE}:ops").train.batch_size == 256
+
+
+def test_gene_embedding_metrics_rank_true_effects_above_random(grape_step, tmp_path):
+    """GRAPE's evaluation (grape.txt 4): mAP and k-means scores of gene vectors vs complexes,
+    with the screen's true effects as the upper reference and random vectors as the floor."""
+    from morphjax import impa_eval
+    from morphjax.runs import Run
+
+    s, _, _ = grape_step
+    run = Run(str(tmp_path), s.config, s, nnx.merge(s.graphdef, s.init_state()), 0)
+    scores = impa_eval.gene_embedding_metrics(run)
+    assert set(scores) == {"learned", "random", "true_effects"}
+    assert set(scores["learned"]) == {"mean_ap", "purity", "nmi", "ari"}
+    assert scores["true_effects"]["mean_ap"] > scores["random"]["mean_ap"]
+    assert scores["true_effects"]["ari"] > scores["random"]["ari"]
