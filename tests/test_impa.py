@@ -297,3 +297,17 @@ def test_gene_embedding_metrics_rank_true_effects_above_random(grape_step, tmp_p
     assert set(scores["learned"]) == {"mean_ap", "purity", "nmi", "ari"}
     assert scores["true_effects"]["mean_ap"] > scores["random"]["mean_ap"]
     assert scores["true_effects"]["ari"] > scores["random"]["ari"]
+
+
+def test_morgan_fingerprints_are_cached_on_disk(tmp_path, monkeypatch):
+    from morphjax import chem
+
+    smiles = ["CCO", "c1ccccc1O"]
+    first = conditions.cached_morgan(smiles, 2, 1024, str(tmp_path))
+    assert len(list(tmp_path.glob("morgan_r2_1024_*.npy"))) == 1
+
+    def no_rdkit(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(chem, "morgan_fingerprints", no_rdkit)
+    np.testing.assert_array_equal(conditions.cached_morgan(smiles, 2, 1024, str(tmp_path)), first)

@@ -206,6 +206,13 @@ def load_screen(config: ml_collections.ConfigDict, cache_dir: str | None = None)
         domain_of=domain_of, num_domains=num_domains, tables=tables_)
 
 
+def fingerprint_cache() -> str:
+    """$MORPHJAX_CACHE/fingerprints (default ~/.cache/morphjax/fingerprints)."""
+    root = os.environ.get("MORPHJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "morphjax"))
+    return os.path.join(root, "fingerprints")
+
+
 def _check_names(requested, names: pd.Series, field: str) -> None:
     missing = [n for n in requested if n not in set(names)]
     if missing:
@@ -232,7 +239,7 @@ class ImpaTask:
         if config.train.grad_accum_steps != 1:
             raise ValueError("train.grad_accum_steps must be 1 for IMPA: the discriminator and "
                              "generator updates alternate every step")
-        self.spec = load_screen(config, cache_dir=None) if spec is None else spec
+        self.spec = load_screen(config, cache_dir=fingerprint_cache()) if spec is None else spec
         s = self.spec
         self.paired = config.data.mode in PAIRED_MODES
         self.channels = len(s.channels)
