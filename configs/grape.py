@@ -36,16 +36,11 @@ PRESETS = {
 
 
 def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
-    base = arg if arg in impa.PRESETS else None
-    if base is None:
+    if arg not in impa.PRESETS:
         raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(impa.PRESETS)}")
     c = impa.get_config(arg)
-    for overrides in (GRAPE, PRESETS.get(arg, {})):
-        for section, values in overrides.items():
-            for key, value in values.items():
-                if key not in c[section]:
-                    raise KeyError(f"GRAPE preset {arg!r} sets unknown field {section}.{key}")
-                c[section][key] = value
+    impa.apply_preset(c, GRAPE, "grape")
+    impa.apply_preset(c, PRESETS.get(arg, {}), arg)
     return c
 
 

@@ -133,12 +133,17 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     c.sharding_rules = (("conv_out", "tensor"), ("embed", None), ("mlp", None))
     c.fsdp_min_size = 2**16
 
-    for section, values in PRESETS[arg].items():
+    apply_preset(c, PRESETS[arg], arg)
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, overrides: dict, name: str) -> None:
+    """Sets `overrides` ({section: {field: value}}), refusing fields the config lacks."""
+    for section, values in overrides.items():
         for key, value in values.items():
             if key not in c[section]:
-                raise KeyError(f"preset {arg!r} sets unknown field {section}.{key}")
+                raise KeyError(f"preset {name!r} sets unknown field {section}.{key}")
             c[section][key] = value
-    return c
 
 
 def get_sweep(arg: str = "synthetic"):

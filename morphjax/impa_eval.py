@@ -16,6 +16,7 @@ because per-perturbation sample counts (~200) are smaller than the raw feature c
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -47,20 +48,17 @@ def read_images(run: Run, split: str, indices: np.ndarray) -> np.ndarray:
         (0, d.image_size, d.image_size, len(run.task.spec.channels)), np.float32)
 
 
-def _transfer_fn(run: Run):
-    graphdef, state = nnx.split(run.state)
-
-    @jax.jit
-    def fn(state, images, ids, noise):
-        return run.task.transfer(nnx.merge(graphdef, state), images, ids, noise)
-
-    return lambda images, ids, noise: fn(state, images, ids, noise)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _transfer(task, graphdef, state, images, ids, noise):
+    """One compile per (task, model structure, batch shape), shared by every `generate` call."""
+    return task.transfer(nnx.merge(graphdef, state), images, ids, noise)
 
 
 def generate(run: Run, images: np.ndarray, ids: np.ndarray, *, seed: int = 0,
              batch_size: int = 64) -> np.ndarray:
     """G(x_i, f([e_{ids_i} ; z_i])) for every row, in [-1, 1]; fixed-size batches (one compile)."""
-    fn = _transfer_fn(run)
+    graphdef, state = nnx.split(run.state)
+    fn = functools.partial(_transfer, run.task, graphdef, state)
     ids = np.asarray(ids, np.int32)
     out = []
     key = jax.random.key(seed)

@@ -20,26 +20,24 @@ IMPA = os.path.join(ROOT, "configs", "impa.py")
 GRAPE = os.path.join(ROOT, "configs", "grape.py")
 
 
-@pytest.fixture(scope="session")
-def tiny_screen(tmp_path_factory):
+def build_tiny_screen(tmp_path_factory, preset: str) -> str:
     from data_builders.raw_screen import build_raw_screen
     from data_builders.synthetic_screen import simulate_screen
 
-    root = tmp_path_factory.mktemp("impa_screen")
-    simulate_screen("bbbc021_like", "tiny", root / "raw", seed=0, progress=False)
+    root = tmp_path_factory.mktemp(preset)
+    simulate_screen(preset, "tiny", root / "raw", seed=0, progress=False)
     build_raw_screen(root / "raw", root / "dataset", crop_size=32)
     return str(root / "dataset")
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(tmp_path_factory):
+    return build_tiny_screen(tmp_path_factory, "bbbc021_like")
 
 
 @pytest.fixture(scope="session")
 def ops_screen(tmp_path_factory):
-    from data_builders.raw_screen import build_raw_screen
-    from data_builders.synthetic_screen import simulate_screen
-
-    root = tmp_path_factory.mktemp("grape_screen")
-    simulate_screen("ops_like", "tiny", root / "raw", seed=0, progress=False)
-    build_raw_screen(root / "raw", root / "dataset", crop_size=32)
-    return str(root / "dataset")
+    return build_tiny_screen(tmp_path_factory, "ops_like")
 
 
 def tiny(spec, path, *overrides):
