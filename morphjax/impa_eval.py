@@ -491,10 +491,12 @@ def _plot_style_space(run: Run, out_dir: str, seed: int) -> None:
     moa = spec.perturbations["moa"].astype(str).to_numpy()[np.repeat(ids, n_noise)]
     unseen = np.isin(np.repeat(ids, n_noise), spec.unseen)
     fig, ax = plt.subplots(figsize=(7, 6))
-    for label in sorted(set(moa)):
-        m = moa == label
-        ax.scatter(xy[m & ~unseen, 0], xy[m & ~unseen, 1], s=8, label=label or "(none)")
-        ax.scatter(xy[m & unseen, 0], xy[m & unseen, 1], s=40, marker="x")
+    colors = plt.get_cmap("tab20")
+    for i, label in enumerate(sorted(set(moa))):
+        m, color = moa == label, colors(i % 20)
+        ax.scatter(xy[m & ~unseen, 0], xy[m & ~unseen, 1], s=8, color=color,
+                   label=label or "(none)")
+        ax.scatter(xy[m & unseen, 0], xy[m & unseen, 1], s=40, marker="x", color=color)
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
     ax.set_title("style space (x: unseen perturbations)")
