@@ -41,8 +41,7 @@ def synthetic_spec(config: ml_collections.ConfigDict, num_domains: int, channels
     table[0] = 0
     domain_of = np.arange(-1, num_domains, dtype=np.int32)
     return impa_task.ScreenSpec(
-        dataset_dir="", channels=tuple(f"ch{i}" for i in range(channels)),
-        crop_size=config.data.image_size, cells=pd.DataFrame(), perturbations=perts,
+        dataset_dir="", channels=tuple(f"ch{i}" for i in range(channels)), cells=pd.DataFrame(), perturbations=perts,
         seen=np.arange(1, n), unseen=np.zeros(0, np.int64), modalities=("compound",),
         head_of=np.zeros(n, np.int32), domain_of=domain_of, num_domains=num_domains,
         tables={"compound": table})

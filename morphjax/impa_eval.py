@@ -38,9 +38,7 @@ from morphjax.train import impa as impa_task
 
 def read_images(run: Run, split: str, indices: np.ndarray) -> np.ndarray:
     """Examples `indices` of `split` as float32 [-1, 1] model-space images (evaluation transform)."""
-    from data_builders.raw_screen import open_split  # noqa: PLC0415
-
-    source = open_split(run.config.data.path, split)
+    source = run.task.source(split)
     d = run.config.data
     return np.stack([impa_task.prepare_image(source[int(i)]["image"], d.image_size, None,
                                              dequantize=d.dequantize, flip_prob=0.0)
@@ -317,7 +315,7 @@ def _evaluate_perturbations(run, out_dir, spaces, inception_weights, per_perturb
         space_result["summary"] = _summaries(space_result["per_perturbation"], targets, seen,
                                              c.eval.strong_quantile)
         result["feature_spaces"][space] = space_result
-        if space == "classical" and hasattr(extractor, "feature_names") and extractor.feature_names:
+        if space == "classical" and extractor.feature_names:
             _plot_feature_violins(out_dir, feats, owner, targets, names,
                                   list(np.asarray(extractor.feature_names)))
 

@@ -46,7 +46,6 @@ from morphjax.train.state import TrainState
 
 MODES = ("perturbation", "multimodal", "batch_correction", "transfer")
 PAIRED_MODES = ("perturbation", "multimodal")
-MODULES = ("generator", "style_encoder", "discriminator", "mapping")
 
 
 # -- losses (pure; tests re-derive them) ---------------------------------------------------------
@@ -121,7 +120,6 @@ class ScreenSpec:
 
     dataset_dir: str
     channels: tuple[str, ...]
-    crop_size: int
     cells: pd.DataFrame  # cells.csv
     perturbations: pd.DataFrame  # perturbations.csv
     seen: np.ndarray  # perturbation ids that are training targets
@@ -201,7 +199,7 @@ def load_screen(config: ml_collections.ConfigDict, cache_dir: str | None = None)
         tables_ = {}
         modalities = ("learned",)
     return ScreenSpec(
-        dataset_dir=d.path, channels=tuple(report["channels"]), crop_size=crop, cells=cells,
+        dataset_dir=d.path, channels=tuple(report["channels"]), cells=cells,
         perturbations=perts, seen=seen, unseen=unseen, modalities=modalities, head_of=head_of,
         domain_of=domain_of, num_domains=num_domains, tables=tables_)
 
@@ -246,28 +244,31 @@ class ImpaTask:
         self._seen = jnp.asarray(s.seen if self.paired else self._train_domains(), jnp.int32)
         self._head_of = jnp.asarray(s.head_of, jnp.int32)
         self._domain_of = jnp.asarray(s.domain_of, jnp.int32)
+        self._sources = {}
 
     def _train_domains(self) -> np.ndarray:
         rows = split_cells(self.spec, self.config.data.train_split)
         return np.unique(rows[self.config.data.domain].to_numpy())
 
     # -- data ------------------------------------------------------------------------------------
-    def _source(self, split: str):
+    def source(self, split: str):
+        """Random-access examples of `split`, opened once per task."""
         from data_builders.raw_screen import open_split  # noqa: PLC0415
 
-        return open_split(self.spec.dataset_dir, split)
+        if split not in self._sources:
+            self._sources[split] = open_split(self.spec.dataset_dir, split)
+        return self._sources[split]
 
     def _train_rows(self) -> pd.DataFrame:
         rows = split_cells(self.spec, self.config.data.train_split)
-        keep = rows["is_control"].astype(bool) | rows["perturbation_id"].isin(self.spec.seen)
         if not self.paired:
-            keep = np.ones(len(rows), bool)
-        return rows[np.asarray(keep)]
+            return rows
+        return rows[rows["is_control"].astype(bool) | rows["perturbation_id"].isin(self.spec.seen)]
 
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         d, t = self.config.data, self.config.train
         rows = self._train_rows()
-        source = grain.MapDataset.source(_Subset(self._source(d.train_split),
+        source = grain.MapDataset.source(_Subset(self.source(d.train_split),
                                                  rows["split_index"].to_numpy()))
         options = dict(dequantize=d.dequantize, flip_prob=d.flip_prob)
         size = d.image_size
@@ -306,7 +307,7 @@ class ImpaTask:
             rows = rows[rows["is_control"].astype(bool)]
         if not len(rows):
             return None
-        source = _Subset(self._source(d.eval_split), rows["split_index"].to_numpy())
+        source = _Subset(self.source(d.eval_split), rows["split_index"].to_numpy())
         size, dequantize, domain = d.image_size, d.dequantize, d.domain
 
         def transform(item):
