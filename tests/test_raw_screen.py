@@ -541,3 +541,103 @@ def test_overwrite_replaces_a_finished_build(screen, tmp_path):
     assert second["illumination_sites_per_plate"] == {"P1": 3, "P2": 3}
     assert open_split(out, "train")[0]["image"].shape == (24, 24, len(CHANNELS))
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# In-memory screens (layout.make_screen): what the real-layout builders hand to the builder.
+
+
+def _memory_screen(raw, **kwargs):
+    """The toy screen's tables read into memory, with the nucleus centres as a DataFrame."""
+    from data_builders.raw_screen import layout
+
+    index = pd.read_csv(os.path.join(raw, "index.csv"))
+    cells = []
+    for site_row, row in index.iterrows():
+        path = os.path.join(raw, "locations", row["Metadata_Plate"],
+                            f"{row['Metadata_Well']}-{row['Metadata_Site']}-Nuclei.csv")
+        xy = pd.read_csv(path)
+        cells.append(pd.DataFrame({"site_row": site_row, "x": xy["Nuclei_Location_Center_X"],
+                                   "y": xy["Nuclei_Location_Center_Y"]}))
+    spec = {"name": "toy-screen", "channels": list(CHANNELS), "image_size": [SIZE, SIZE]}
+    return layout.make_screen(
+        spec, index, PERTURBATIONS, source=os.path.join(raw, "index.csv"),
+        images_dir=os.path.join(raw, "images"),
+        locations=kwargs.pop("locations", pd.concat(cells, ignore_index=True)), **kwargs)
+
+
+def _stacked_site(screen, site_row):
+    """A site reader as multi-channel formats need one (here: the per-channel files)."""
+    from data_builders.raw_screen import layout
+    return np.stack([layout.read_image(screen.image_path(site_row, c), "")
+                     for c in screen.channels], axis=-1).astype(np.float32)
+
+
+def test_memory_screen_and_workers_give_the_same_dataset(screen, tmp_path):
+    raw, _, out, _ = screen
+    reference = _all_examples(out)
+    memory = _memory_screen(raw)
+    build(memory, str(tmp_path / "memory"), workers=2)
+    build(_memory_screen(raw, site_reader=_stacked_site), str(tmp_path / "reader"))
+    for name in ("memory", "reader"):
+        examples = _all_examples(str(tmp_path / name))
+        for key in ("image", "perturbation_id", "plate_id", "center", "cell_index"):
+            np.testing.assert_array_equal(examples[key], reference[key], err_msg=f"{name} {key}")
+    tables = read_tables(str(tmp_path / "memory"))
+    pd.testing.assert_frame_equal(tables["cells"], read_tables(out)["cells"])
+    with open(os.path.join(tmp_path, "memory", "screen.json")) as f:
+        assert json.load(f)["channels"] == list(CHANNELS)
+
+
+def test_precropped_cells_and_given_split(screen, tmp_path):
+    raw, _, out, _ = screen
+    examples = _all_examples(out)
+    cells = read_tables(out)["cells"]
+    crop_dir = tmp_path / "crops"
+    crop_dir.mkdir()
+    paths = []
+    for i, image in enumerate(examples["image"]):
+        paths.append(str(crop_dir / f"{i}.npy"))
+        np.save(paths[-1], image)
+    index = pd.read_csv(os.path.join(raw, "index.csv"))
+    site_row = pd.MultiIndex.from_frame(index[["Metadata_Plate", "Metadata_Well",
+                                               "Metadata_Site"]]).get_indexer(
+        pd.MultiIndex.from_frame(cells[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]]))
+    locations = pd.DataFrame({"site_row": site_row, "x": np.nan, "y": np.nan,
+                              "crop_path": paths, "split": cells["split"]})
+    memory = _memory_screen(raw, locations=locations)
+    assert memory.precropped
+    build(memory, str(tmp_path / "pre"), split="given", illumination="impa")
+    rebuilt = _all_examples(str(tmp_path / "pre"))
+    np.testing.assert_array_equal(rebuilt["image"], examples["image"])
+    np.testing.assert_array_equal(rebuilt["perturbation_id"], examples["perturbation_id"])
+    assert (read_tables(str(tmp_path / "pre"))["cells"]["split"] == cells["split"]).all()
+
+    np.save(paths[3], examples["image"][3][:, :, :2])
+    with pytest.raises(ValueError, match=r"3\.npy.*expected uint8 \(32, 32, 3\)"):
+        build(memory, str(tmp_path / "bad"))
+    os.remove(paths[5])
+    with pytest.raises(FileNotFoundError, match=r"row 5: missing crop file .*5\.npy"):
+        _memory_screen(raw, locations=locations)
+
+
+def test_memory_screen_errors_name_the_item(screen, tmp_path):
+    raw, _, _, _ = screen
+    good = _memory_screen(raw).locations
+    bad = good.assign(site_row=good["site_row"].where(good.index != 4, 999))
+    with pytest.raises(ValueError, match="row 4: site_row 999 is not a row"):
+        _memory_screen(raw, locations=bad)
+    bad = good.assign(Metadata_Perturbation=["", "nope"] + [""] * (len(good) - 2))
+    with pytest.raises(ValueError, match="row 1: Metadata_Perturbation 'nope'"):
+        _memory_screen(raw, locations=bad)
+    bad = good.assign(split=["train", "valid"] + ["test"] * (len(good) - 2))
+    with pytest.raises(ValueError, match="row 1: split 'valid'"):
+        _memory_screen(raw, locations=bad)
+    with pytest.raises(ValueError, match="split='given' needs"):
+        build(_memory_screen(raw), str(tmp_path / "x"), split="given")
+    image = os.path.join(raw, "images", "P2", "B01_s1_Actin.png")
+    os.replace(image, tmp_path / "kept.png")
+    try:
+        with pytest.raises(FileNotFoundError, match=r"B01_s1_Actin.png.*index.csv row"):
+            _memory_screen(raw)
+    finally:
+        os.replace(tmp_path / "kept.png", image)

@@ -1,9 +1,12 @@
 """Raw screen -> TFDS dataset of single-cell crops in ArrayRecord shards, plus metadata tables.
 
-Same builder for the synthetic screen and real screens (RAW_LAYOUT.md). Steps: validate the
-layout; read every nucleus centre and assign splits; per plate, estimate the illumination
-statistic per channel; per site, correct to uint8, crop every nucleus, exclude border crops
-and QC failures (all counted), and stream the kept crops into the split's ArrayRecord shards.
+Same builder for the synthetic screen and real screens (RAW_LAYOUT.md, or a real layout read
+into a `layout.RawScreen` by its builder: data_builders/<screen>/). Steps: validate the layout;
+read every nucleus centre and assign splits; per plate, estimate the illumination statistic per
+channel; per site, correct to uint8, crop every nucleus, exclude border crops and QC failures
+(all counted), and stream the kept crops into the split's ArrayRecord shards. Sites are cropped
+by a pool of worker processes (all cores by default) in a bounded window, in site order, so the
+output does not depend on the number of workers and memory stays flat for any screen size.
 
 Output (`out_dir`):
   {name}/1.0.0/                 TFDS dataset: dataset_info.json, features.json and
@@ -22,13 +25,17 @@ needs TensorFlow to encode). Everything is written into a temporary sibling dire
 renamed to `out_dir` at the end, so an interrupted build leaves no half dataset.
 """
 
+import collections
+import concurrent.futures
 import json
+import multiprocessing
 import os
+import pickle
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from array_record.python import array_record_module
@@ -214,7 +221,13 @@ def _check_options(crop_size, resize_to, illumination, illumination_sigma,
 
 
 def _find_cells(screen: layout.RawScreen) -> tuple[pd.DataFrame, int]:
-    """Every nucleus of every site: site_row, location_row, x, y, perturbation_id."""
+    """Every nucleus of every site: site_row, location_row, x, y, perturbation_id (and
+    crop_path / split when the screen's in-memory locations have them)."""
+    if screen.locations is not None:
+        cells = screen.locations.copy()
+        cells.insert(1, "location_row", cells.groupby("site_row").cumcount().to_numpy())
+        sites_without_locations = len(screen.index) - cells["site_row"].nunique()
+        return _finish_cells(screen, cells), sites_without_locations
     parts = []
     sites_without_locations = 0
     for site_row in range(len(screen.index)):
@@ -229,12 +242,15 @@ def _find_cells(screen: layout.RawScreen) -> tuple[pd.DataFrame, int]:
         raise FileNotFoundError(
             f"No locations files under {os.path.join(screen.raw_dir, 'locations')}: expected "
             "locations/{Plate}/{Well}-{Site}-Nuclei.csv per site (RAW_LAYOUT.md).")
-    cells = pd.concat(parts, ignore_index=True)
+    return _finish_cells(screen, pd.concat(parts, ignore_index=True)), sites_without_locations
+
+
+def _finish_cells(screen: layout.RawScreen, cells: pd.DataFrame) -> pd.DataFrame:
     lookup = pd.Index(screen.perturbations["perturbation"])
     cells["perturbation_id"] = lookup.get_indexer(cells["perturbation"])
     cells = cells.drop(columns="perturbation")
     cells[layout.PLATE] = screen.index[layout.PLATE].to_numpy()[cells["site_row"].to_numpy()]
-    return cells, sites_without_locations
+    return cells
 
 
 def _check_plate_shapes(screen, site_rows, expected_shape) -> None:
@@ -253,12 +269,16 @@ def _check_plate_shapes(screen, site_rows, expected_shape) -> None:
 
 def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_number):
     """Per-channel illumination statistic of one plate from a seeded subsample of its sites."""
-    if method == "none":
+    if method == "none" or screen.precropped:
         return [None] * len(screen.channels), 0
     site_rows = np.asarray(site_rows)
     if len(site_rows) > max_sites:
         rng = np.random.default_rng([seed, _ILLUMINATION_STREAM, plate_number])
         site_rows = np.sort(rng.choice(site_rows, size=max_sites, replace=False))
+    if screen.site_reader is not None:  # Multi-channel files: read each site once.
+        sites = np.stack([layout.read_site(screen, s) for s in site_rows])
+        return [illumination_lib.plate_statistic(method, sites[..., c], sigma)
+                for c in range(len(screen.channels))], len(site_rows)
     statistics = []
     for channel in screen.channels:
         images = np.stack([
@@ -268,16 +288,37 @@ def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_n
     return statistics, len(site_rows)
 
 
+def _read_crops(screen, paths, crop_size) -> np.ndarray:
+    """Pre-cut crops (one HWC uint8 .npy per cell), checked against the screen's channels."""
+    crops = []
+    for path in paths:
+        try:
+            crop = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"Cannot read crop {path}: {e}") from e
+        if crop.dtype != np.uint8 or crop.shape != (crop_size, crop_size, len(screen.channels)):
+            raise ValueError(
+                f"Crop {path} is {crop.dtype} {crop.shape}; expected uint8 "
+                f"({crop_size}, {crop_size}, {len(screen.channels)}) for channels "
+                f"{list(screen.channels)} (set crop_size to the crops' size).")
+        crops.append(crop)
+    return np.stack(crops)
+
+
 def _site_crops(screen, site_row, centers, statistics, *, illumination, crop_size, resize_to,
-                dna, qc_min_std, qc_min_sharpness, expected_shape):
+                dna, qc_min_std, qc_min_sharpness, expected_shape, crop_paths=None):
     """Corrected crops of one site's cells that pass, and every cell's fate: "kept",
     "border", "low_variance" or "blur" (the first filter that removes it)."""
-    raw = layout.read_site(screen, site_row, expected_shape)
-    image = np.stack(
-        [illumination_lib.correct(illumination, raw[..., c], statistics[c])
-         for c in range(raw.shape[-1])], axis=-1)
-    origins, inside = crops_lib.crop_origins(centers, crop_size, image.shape)
-    crops = crops_lib.extract_crops(image, origins[inside], crop_size)
+    if crop_paths is not None:
+        crops = _read_crops(screen, crop_paths, crop_size)
+        inside = np.ones(len(crops), dtype=bool)
+    else:
+        raw = layout.read_site(screen, site_row, expected_shape)
+        image = np.stack(
+            [illumination_lib.correct(illumination, raw[..., c], statistics[c])
+             for c in range(raw.shape[-1])], axis=-1)
+        origins, inside = crops_lib.crop_origins(centers, crop_size, image.shape)
+        crops = crops_lib.extract_crops(image, origins[inside], crop_size)
     if resize_to is not None and resize_to != crop_size:
         crops = crops_lib.resize_crops(crops, int(resize_to))
     std = crops_lib.crop_std(crops, dna)
@@ -290,8 +331,38 @@ def _site_crops(screen, site_row, centers, statistics, *, illumination, crop_siz
     return fate, crops[keep], std[keep], sharpness[keep]
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(screen: layout.RawScreen, options: dict[str, Any]) -> None:
+    _WORKER.update(screen=screen, options=options, statistics={})
+
+
+def _worker_site(task) -> tuple:
+    """One site in a worker process: the plate statistics come from a file (loaded once)."""
+    site_row, centers, crop_paths, statistics_path = task
+    cache = _WORKER["statistics"]
+    if statistics_path not in cache:
+        cache.clear()
+        with open(statistics_path, "rb") as f:
+            cache[statistics_path] = pickle.load(f)
+    return _site_crops(_WORKER["screen"], site_row, centers, cache[statistics_path],
+                       crop_paths=crop_paths, **_WORKER["options"])
+
+
+def _ordered_map(pool, fn, tasks: Iterable, window: int) -> Iterator:
+    """pool.map in task order with at most `window` tasks in flight (bounded memory)."""
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def build_raw_screen(
-    raw_dir: str | os.PathLike,
+    raw_dir: str | os.PathLike | layout.RawScreen,
     out_dir: str | os.PathLike,
     *,
     crop_size: int = 96,
@@ -310,11 +381,13 @@ def build_raw_screen(
     shard_bytes: int = 256 * 2**20,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Builds single-cell crops of a raw screen into a TFDS ArrayRecord dataset at `out_dir`.
 
     Args:
-      raw_dir: a raw screen in the layout of data_builders/RAW_LAYOUT.md.
+      raw_dir: a raw screen in the layout of data_builders/RAW_LAYOUT.md, or a screen read by a
+        real-layout builder (`layout.make_screen`).
       out_dir: the built dataset (layout in this module's docstring); must not exist unless
         `overwrite`.
       crop_size: side of the square crop centred on each nucleus (IMPA: 96); cells whose crop
@@ -335,6 +408,8 @@ def build_raw_screen(
       shard_bytes: start a new ArrayRecord shard after about this many bytes.
       overwrite: replace an existing `out_dir` (only once the new build is complete).
       progress: show a progress bar over sites.
+      workers: processes cropping sites; default all cores (1 for screens under 32 sites).
+        The output does not depend on it.
 
     Returns:
       The build report, also written to `out_dir/build_report.json`: counts of cells found,
@@ -342,19 +417,25 @@ def build_raw_screen(
       per plate, examples per split, what was held out, and the options.
     """
     start = time.perf_counter()
-    raw_dir, out_dir = os.fspath(raw_dir), os.path.abspath(os.fspath(out_dir))
+    out_dir = os.path.abspath(os.fspath(out_dir))
     _check_options(crop_size, resize_to, illumination, illumination_sigma,
                    illumination_max_sites, qc_min_std, qc_min_sharpness, shard_bytes)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True.")
 
-    screen = layout.read_screen(raw_dir)
+    if isinstance(raw_dir, layout.RawScreen):
+        screen, raw_dir = raw_dir, raw_dir.source
+    else:
+        raw_dir = os.fspath(raw_dir)
+        screen = layout.read_screen(raw_dir)
     channels = screen.channels
     dna = layout.dna_channel_index(channels, dna_channel)
     expected_shape = screen.spec.get("image_size")
     dataset_name = _dataset_name(name or screen.name)
-    expression_path = os.path.join(raw_dir, "expression.npy")
-    if os.path.isfile(expression_path):
+    expression_path = os.path.join(screen.raw_dir, "expression.npy")
+    if screen.raw_dir and os.path.isfile(expression_path):
         expression = np.load(expression_path, mmap_mode="r")
         if expression.ndim != 2 or expression.shape[0] != len(screen.perturbations):
             raise ValueError(
@@ -388,6 +469,12 @@ def build_raw_screen(
         "center": cells[["x", "y"]].to_numpy(np.float32),
     }
     centers = cells[["x", "y"]].to_numpy()
+    crop_paths = cells["crop_path"].to_numpy() if screen.precropped else None
+    if workers is None:
+        workers = 1 if len(index) < 32 else (os.cpu_count() or 1)
+    site_options = dict(
+        illumination=illumination, crop_size=crop_size, resize_to=resize_to, dna=dna,
+        qc_min_std=qc_min_std, qc_min_sharpness=qc_min_sharpness, expected_shape=expected_shape)
 
     out_size = int(resize_to or crop_size)
     features = dataset_features(out_size, len(channels))
@@ -396,6 +483,7 @@ def build_raw_screen(
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(4)}")
     data_dir = os.path.join(tmp_dir, dataset_name, VERSION)
     os.makedirs(data_dir)
+    pool = None
     try:
         writers = {s: _SplitWriter(data_dir, f"{dataset_name}-{s}", shard_bytes)
                    for s in SPLIT_NAMES}
@@ -407,24 +495,39 @@ def build_raw_screen(
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(index), desc=f"build {dataset_name}", unit="site")
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # No fork of a JAX-holding parent.
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker,
+                initargs=(screen, site_options))
         for plate_number, plate in enumerate(plates):
             plate_sites = np.flatnonzero(index[layout.PLATE].to_numpy() == plate)
-            _check_plate_shapes(screen, plate_sites, expected_shape)
+            if not screen.precropped:
+                _check_plate_shapes(screen, plate_sites, expected_shape)
             statistics, n_used = _plate_statistics(
                 screen, plate_sites, illumination, illumination_sigma, illumination_max_sites,
                 seed, plate_number)
             illumination_sites[plate] = n_used
-            for s in plate_sites:
+            # Cells are in site order, so a site's cells are one contiguous run.
+            runs = [np.arange(*np.searchsorted(site_row, [s, s + 1])) for s in plate_sites]
+            if bar is not None:
+                bar.update(int(sum(len(rows) == 0 for rows in runs)))
+            runs = [(s, rows) for s, rows in zip(plate_sites, runs) if len(rows)]
+            if pool is None:
+                results = (_site_crops(
+                    screen, s, centers[rows], statistics, **site_options,
+                    crop_paths=None if crop_paths is None else crop_paths[rows])
+                    for s, rows in runs)
+            else:
+                statistics_path = os.path.join(tmp_dir, f".illumination-{plate_number}.pkl")
+                with open(statistics_path, "wb") as f:
+                    pickle.dump(statistics, f)
+                tasks = ((s, centers[rows], None if crop_paths is None else crop_paths[rows],
+                          statistics_path) for s, rows in runs)
+                results = _ordered_map(pool, _worker_site, tasks, window=4 * workers)
+            for (s, rows), (fate, crops, std, sharpness) in zip(runs, results):
                 if bar is not None:
                     bar.update(1)
-                # Cells are in site order, so a site's cells are one contiguous run.
-                rows = np.arange(*np.searchsorted(site_row, [s, s + 1]))
-                if len(rows) == 0:
-                    continue
-                fate, crops, std, sharpness = _site_crops(
-                    screen, s, centers[rows], statistics, illumination=illumination,
-                    crop_size=crop_size, resize_to=resize_to, dna=dna, qc_min_std=qc_min_std,
-                    qc_min_sharpness=qc_min_sharpness, expected_shape=expected_shape)
                 status[rows] = fate
                 for row, crop, crop_std, crop_sharpness in zip(
                         rows[fate == "kept"], crops, std, sharpness):
@@ -437,6 +540,8 @@ def build_raw_screen(
                     kept_rows.append(row)
                     kept_std.append(crop_std)
                     kept_sharpness.append(crop_sharpness)
+            if pool is not None:
+                os.remove(statistics_path)
         if bar is not None:
             bar.close()
         split_infos = [writers[s].finish(s) for s in SPLIT_NAMES]
@@ -457,10 +562,15 @@ def build_raw_screen(
         for key, values in vocabularies.items():
             _write_csv(os.path.join(tmp_dir, f"{key}.csv"),
                        pd.DataFrame({"id": np.arange(len(values)), "name": values}))
-        for file_name in ("screen.json", "expression.npy", "gene_embeddings.npy"):
-            source = os.path.join(raw_dir, file_name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(tmp_dir, file_name))
+        if screen.raw_dir:
+            for file_name in ("screen.json", "expression.npy", "gene_embeddings.npy"):
+                source = os.path.join(screen.raw_dir, file_name)
+                if os.path.isfile(source):
+                    shutil.copyfile(source, os.path.join(tmp_dir, file_name))
+        else:  # A screen read by a real-layout builder.
+            io.atomic_write_json(os.path.join(tmp_dir, "screen.json"), screen.spec)
+            if screen.expression is not None:
+                np.save(os.path.join(tmp_dir, "expression.npy"), screen.expression)
 
         report = _report(
             screen, cells, status, is_test, kept_rows, writers, split_info, illumination_sites,
@@ -477,6 +587,9 @@ def build_raw_screen(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:  # On an error or Ctrl-C, drop queued sites instead of cropping.
+            pool.shutdown(wait=True, cancel_futures=True)
     return report
 
 

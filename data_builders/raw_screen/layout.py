@@ -4,11 +4,16 @@ The layout is DeepProfiler's `inputs/` (profiling_reference.md §1.4-1.5) plus `
 so real exports and the synthetic screen go through the same checks. Every problem is an
 error naming the file, row, column or value, raised before any image is processed where it
 can be (missing files, columns, unknown perturbations); corrupt images are found on reading.
+
+Builders of real layouts (BBBC021, RxRx1, JUMP, ...) parse their files into the same tables and
+call `make_screen`, which applies the same checks to in-memory tables; they can also supply the
+nucleus centres in memory, a reader for multi-channel image files, or pre-cut crops.
 """
 
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +40,11 @@ class RawScreen:
     `index` keeps the raw metadata as strings (plate, well) with `Metadata_Site` as int,
     `Metadata_Dose` as float (NaN where empty) and `Metadata_Batch` / `Metadata_CellLine`
     filled with "" where absent; `perturbation_id` is the row of the perturbation table.
+
+    Screens made by `make_screen` may carry `locations` (every cell's centre, in memory:
+    columns site_row, x, y, perturbation, and crop_path / split when given), a `site_reader`
+    (site_row -> float32 (H, W, C)) for images that are not one file per channel, and are
+    `precropped` when every cell comes as its own crop file.
     """
 
     raw_dir: str
@@ -43,17 +53,25 @@ class RawScreen:
     index: pd.DataFrame
     perturbations: pd.DataFrame
     extra_columns: tuple[str, ...]
+    source: str = "index.csv"
+    images_dir: str | None = None
+    locations: pd.DataFrame | None = None
+    site_reader: Callable[["RawScreen", int], np.ndarray] | None = None
+    precropped: bool = False
+    expression: np.ndarray | None = None
 
     @property
     def name(self) -> str:
         return str(self.spec.get("name") or os.path.basename(os.path.normpath(self.raw_dir)))
 
     def image_path(self, site_row: int, channel: str) -> str:
-        return os.path.join(self.raw_dir, "images", self.index.at[site_row, channel])
+        images_dir = self.images_dir or os.path.join(self.raw_dir, "images")
+        return os.path.join(images_dir, self.index.at[site_row, channel])
 
     def site_label(self, site_row: int) -> str:
         row = self.index.loc[site_row]
-        return f"plate {row[PLATE]} well {row[WELL]} site {row[SITE]} (index.csv row {site_row})"
+        return (f"plate {row[PLATE]} well {row[WELL]} site {row[SITE]} "
+                f"({self.source} row {site_row})")
 
     def locations_path(self, site_row: int) -> str:
         row = self.index.loc[site_row]
@@ -88,6 +106,11 @@ def read_spec(raw_dir: str) -> dict[str, Any]:
             spec = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"Cannot parse {path}: {e}") from e
+    return check_spec(spec, path)
+
+
+def check_spec(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """`channels` (required, unique names) and `image_size` ([H, W], optional)."""
     channels = spec.get("channels") if isinstance(spec, dict) else None
     if (not isinstance(channels, list) or not channels
             or not all(isinstance(c, str) and c for c in channels)):
@@ -103,7 +126,12 @@ def read_spec(raw_dir: str) -> dict[str, Any]:
 def read_perturbations(raw_dir: str) -> pd.DataFrame:
     """perturbations.csv with the optional columns filled with "" and `is_control` as int."""
     path = os.path.join(raw_dir, "perturbations.csv")
-    table = _read_csv_as_text(path)
+    return check_perturbations(_read_csv_as_text(path), path)
+
+
+def check_perturbations(table: pd.DataFrame, path: str) -> pd.DataFrame:
+    """Validates a perturbation table of strings (RAW_LAYOUT.md); `path` names it in errors."""
+    table = table.reset_index(drop=True)
     _require_columns(table, REQUIRED_PERTURBATION_COLUMNS, path)
     for column in OPTIONAL_PERTURBATION_COLUMNS:
         if column not in table.columns:
@@ -132,7 +160,14 @@ def read_perturbations(raw_dir: str) -> pd.DataFrame:
 
 def read_index(raw_dir: str, channels, perturbation_ids: pd.Index) -> pd.DataFrame:
     path = os.path.join(raw_dir, "index.csv")
-    index = _read_csv_as_text(path)
+    return check_index(_read_csv_as_text(path), channels, perturbation_ids, path)
+
+
+def check_index(index: pd.DataFrame, channels, perturbation_ids: pd.Index, path: str
+                ) -> pd.DataFrame:
+    """Validates a site table of strings (RAW_LAYOUT.md); `path` names it in errors. `channels`
+    are the image-path columns it must have (none for screens read otherwise)."""
+    index = index.reset_index(drop=True)
     _require_columns(index, REQUIRED_INDEX_COLUMNS, path)
     _require_columns(
         index, channels, path,
@@ -187,19 +222,152 @@ def read_screen(raw_dir: str | os.PathLike) -> RawScreen:
     channels = tuple(spec["channels"])
     perturbations = read_perturbations(raw_dir)
     index = read_index(raw_dir, channels, pd.Index(perturbations["perturbation"]))
+    screen = _screen(raw_dir, spec, index, perturbations, "index.csv")
+    _check_images_exist(screen)
+    return screen
+
+
+def _screen(raw_dir, spec, index, perturbations, source, **fields) -> RawScreen:
+    channels = tuple(spec["channels"])
     index["perturbation_id"] = pd.Index(perturbations["perturbation"]).get_indexer(
         index[PERTURBATION])
     known = set(REQUIRED_INDEX_COLUMNS) | {BATCH, CELL_LINE, DOSE, "perturbation_id"}
     extra = tuple(c for c in index.columns if c not in known and c not in channels)
-    screen = RawScreen(raw_dir, spec, channels, index, perturbations, extra)
-    for site_row in range(len(index)):
-        for channel in channels:
+    return RawScreen(raw_dir, spec, channels, index, perturbations, extra, source, **fields)
+
+
+def _check_images_exist(screen: RawScreen) -> None:
+    for site_row in range(len(screen.index)):
+        for channel in screen.channels:
             path = screen.image_path(site_row, channel)
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"Missing image {path} for channel {channel!r} of "
                     f"{screen.site_label(site_row)}.")
+
+
+def _as_text(table: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A copy with every column as str ("" for missing), except the columns in `keep`."""
+    table = table.copy()
+    for column in table.columns:
+        if column in keep:
+            continue
+        values = table[column]
+        text = values.astype(object).where(values.notna(), "")
+        table[column] = [v if isinstance(v, str) else _format(v) for v in text]
+    return table
+
+
+def _format(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def make_screen(
+    spec: dict[str, Any],
+    index: pd.DataFrame,
+    perturbations: pd.DataFrame,
+    *,
+    source: str,
+    images_dir: str | os.PathLike | None = None,
+    locations: pd.DataFrame | None = None,
+    site_reader: Callable[[RawScreen, int], np.ndarray] | None = None,
+    expression: np.ndarray | None = None,
+) -> RawScreen:
+    """A validated screen from in-memory tables, for builders of real layouts.
+
+    Args:
+      spec: as screen.json: `channels` (required), `name`, `image_size` [H, W], ...
+      index: one row per site, the columns of index.csv (RAW_LAYOUT.md); channel columns hold
+        image paths relative to `images_dir` (or absolute). Not needed with a `site_reader` or
+        pre-cut crops. Values other than Metadata_Site and Metadata_Dose are used as text.
+      perturbations: the columns of perturbations.csv.
+      source: the file the tables came from, named in errors.
+      images_dir: base of relative image paths (default: the working directory).
+      locations: every cell, replacing the locations files: `site_row` (row of `index`), `x`,
+        `y` (pixels); optional `Metadata_Perturbation` (per-cell perturbation, "" keeps the
+        site's), `crop_path` (an HWC uint8 .npy holding the cell's crop: the screen is then
+        pre-cropped and x, y may be NaN) and `split` ("train"/"test", for split="given").
+      site_reader: a picklable function (screen, site_row) -> float32 (H, W, C) in channel
+        order, for images that are not one greyscale file per channel.
+      expression: float32 (n_perturbations, n_genes), rows in `perturbations` order (MorphDiff's
+        L1000 vectors; data_builders/expression.py); written to the dataset as expression.npy.
+    """
+    spec = check_spec(dict(spec), source)
+    channels = tuple(spec["channels"])
+    perturbations = check_perturbations(_as_text(perturbations), source)
+    precropped = locations is not None and "crop_path" in locations.columns
+    needs_paths = site_reader is None and not precropped
+    keep = tuple(c for c in (SITE, DOSE) if c in index.columns)
+    index = _as_text(index, keep)
+    if SITE in index.columns:
+        index[SITE] = index[SITE].astype(str)
+    if DOSE in index.columns:
+        index[DOSE] = ["" if pd.isna(v) else str(v) for v in index[DOSE]]
+    index = check_index(index, channels if needs_paths else (),
+                        pd.Index(perturbations["perturbation"]), source)
+    images_dir = os.path.abspath(os.fspath(images_dir)) if images_dir is not None else ""
+    if expression is not None:
+        expression = np.asarray(expression, np.float32)
+        if expression.ndim != 2 or len(expression) != len(perturbations):
+            raise ValueError(f"expression has shape {expression.shape}; expected "
+                             f"({len(perturbations)}, n_genes), one row per perturbation.")
+    spec.setdefault("name", os.path.splitext(os.path.basename(source))[0] or "screen")
+    screen = _screen("", spec, index, perturbations, source, images_dir=images_dir,
+                     site_reader=site_reader, precropped=precropped, expression=expression)
+    if locations is not None:
+        screen = dataclasses.replace(screen, locations=check_locations(screen, locations))
+    if needs_paths:
+        _check_images_exist(screen)
     return screen
+
+
+def check_locations(screen: RawScreen, locations: pd.DataFrame) -> pd.DataFrame:
+    """In-memory cells -> columns site_row, x, y, perturbation (+ crop_path, split), ordered by
+    site (stable); errors name the row and value."""
+    where = f"locations of {screen.source}"
+    _require_columns(locations, ("site_row", "x", "y"), where)
+    table = locations.reset_index(drop=True)
+    site_row = pd.to_numeric(table["site_row"], errors="coerce")
+    bad = site_row.isna() | (site_row < 0) | (site_row >= len(screen.index))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where} row {i}: site_row {table['site_row'][i]} is not a row of "
+                         f"the site table (0..{len(screen.index) - 1}).")
+    xy = table[["x", "y"]].apply(pd.to_numeric, errors="coerce")
+    bad = xy.isna().any(axis=1)
+    if not screen.precropped and bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where} row {i}: nucleus centre {tuple(table.loc[i, ['x', 'y']])} is "
+                         "not a pair of numbers.")
+    site_row = site_row.to_numpy(np.int64)
+    perturbation = screen.index[PERTURBATION].to_numpy(dtype=object)[site_row]
+    if PERTURBATION in table.columns:
+        override = _as_text(table[[PERTURBATION]])[PERTURBATION].to_numpy(dtype=object)
+        given = override != ""
+        unknown = given & ~np.isin(override, screen.perturbations["perturbation"].to_numpy())
+        if unknown.any():
+            i = int(np.flatnonzero(unknown)[0])
+            raise ValueError(f"{where} row {i}: {PERTURBATION} {override[i]!r} is not a "
+                             "perturbation id.")
+        perturbation[given] = override[given]
+    cells = pd.DataFrame({"site_row": site_row, "x": xy["x"].to_numpy(np.float64),
+                          "y": xy["y"].to_numpy(np.float64), "perturbation": perturbation})
+    if screen.precropped:
+        paths = _as_text(table[["crop_path"]])["crop_path"].to_numpy(dtype=object)
+        for i, path in enumerate(paths):
+            if not path or not os.path.isfile(path):
+                raise FileNotFoundError(f"{where} row {i}: missing crop file {path!r}.")
+        cells["crop_path"] = paths
+    if "split" in table.columns:
+        split = _as_text(table[["split"]])["split"].to_numpy(dtype=object)
+        bad = ~np.isin(split, ["train", "test"])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where} row {i}: split {split[i]!r} is not 'train' or 'test'.")
+        cells["split"] = split
+    return cells.iloc[np.argsort(site_row, kind="stable")].reset_index(drop=True)
 
 
 def dna_channel_index(channels, dna_channel: str | None = None) -> int:
@@ -254,6 +422,8 @@ def site_shape(screen: RawScreen, site_row: int, expected_shape=None) -> tuple[i
     """The common (height, width) of a site's channel images, read from their headers; an
     error naming the site and every channel's shape if they disagree (or differ from
     screen.json's image_size)."""
+    if screen.site_reader is not None:
+        return tuple(read_site(screen, site_row, expected_shape).shape[:2])
     where = screen.site_label(site_row)
     shapes = {c: image_shape(screen.image_path(site_row, c), where) for c in screen.channels}
     if len(set(shapes.values())) != 1:
@@ -269,6 +439,15 @@ def site_shape(screen: RawScreen, site_row: int, expected_shape=None) -> tuple[i
 def read_site(screen: RawScreen, site_row: int, expected_shape=None) -> np.ndarray:
     """All channels of a site stacked to float32 (H, W, C), in screen.json channel order."""
     where = screen.site_label(site_row)
+    if screen.site_reader is not None:
+        image = np.asarray(screen.site_reader(screen, site_row), np.float32)
+        if image.ndim != 3 or image.shape[-1] != len(screen.channels):
+            raise ValueError(f"Images of {where} have shape {image.shape}; expected (H, W, "
+                             f"{len(screen.channels)}) for channels {screen.channels}.")
+        if expected_shape is not None and tuple(image.shape[:2]) != tuple(expected_shape):
+            raise ValueError(f"Images of {where} have shape {image.shape[:2]} but the "
+                             f"screen's image_size is {list(expected_shape)}.")
+        return image
     planes = [read_image(screen.image_path(site_row, c), where) for c in screen.channels]
     shapes = {c: p.shape for c, p in zip(screen.channels, planes)}
     if len(set(shapes.values())) != 1:

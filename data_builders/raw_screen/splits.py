@@ -7,6 +7,8 @@
 - `scaffold`: compounds are grouped by Bemis-Murcko scaffold and whole groups go to test
   (`morphjax.chem.scaffold_split`, over one SMILES per compound perturbation); genetic
   perturbations and compounds without SMILES stay in train.
+- `given`: the split the screen's files define (IMPA's SPLIT column, DeepProfiler's Split): a
+  per-cell `split` column of "train"/"test" set by the real-layout builder.
 
 For `perturbations` and `scaffold`, control cells are needed on both sides: a held-out
 perturbation is predicted from control images (IMPA's control -> treated translation), so a
@@ -23,7 +25,7 @@ import pandas as pd
 
 from morphjax import chem
 
-SPLITS = ("random_cells", "plates", "perturbations", "scaffold")
+SPLITS = ("random_cells", "plates", "perturbations", "scaffold", "given")
 
 _CELL_STREAM, _PERTURBATION_STREAM, _CONTROL_STREAM, _SCAFFOLD_STREAM = range(4)
 
@@ -54,6 +56,11 @@ def assign_splits(
         raise ValueError(
             f"holdout {holdout} is only used with split='plates' or 'perturbations', "
             f"not {split!r}.")
+    if split == "given":
+        if "split" not in cells.columns:
+            raise ValueError("split='given' needs a screen whose builder reads a split from its "
+                             "files (e.g. IMPA's SPLIT column); this screen has none.")
+        return cells["split"].to_numpy() == "test", {"given": True}
     if split != "plates" and not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
     n = len(cells)
