@@ -13,7 +13,14 @@ every plate; the demo dataset):
      enrichment at the top 1%, precision@5 -- raw and sphered;
   6. the sphering lambda sweep (Fig. 6B) for every feature set, as a table and a plot.
 
+`--multi-batch` runs the same on a screen where sphering has batch effects to remove: the same
+compounds, effects and doses (same design), but small plate maps (18 treated + 6 DMSO wells), so
+each compound sits on the plates of one map, and every plate is its own batch with RxRx1-strength
+technical and biological batch effects. Compounds sharing plates then share batch artefacts,
+which is what sphering on the controls is for (cell_painting_cnn.txt, "Batch correction").
+
   python experiments/cpcnn_synthetic.py --out experiments/results --workdir runs/cpcnn_synthetic
+  python experiments/cpcnn_synthetic.py --multi-batch --steps 600 --strong-fraction 0
 """
 
 from __future__ import annotations
@@ -32,6 +39,24 @@ from morphjax import profiling
 from morphjax.profiling import evaluate as profile_eval
 
 DATA = "runs/data/bbbc021_like_small"
+MULTI_BATCH_DATA = "runs/data/bbbc021_like_multibatch"
+
+
+def multi_batch_screen(data_dir: str) -> str:
+    """The `--multi-batch` screen (see the module docstring) under `data_dir`, built once."""
+    dataset = os.path.join(data_dir, "dataset")
+    if not os.path.isdir(dataset):
+        from data_builders.raw_screen import build_raw_screen  # noqa: PLC0415
+        from data_builders.synthetic_screen import presets, simulate_screen  # noqa: PLC0415
+
+        screen = presets.get_preset("bbbc021_like", "small")
+        screen.layout.update(wells_per_plate=24, controls_per_plate=6, replicates=2,
+                             n_batches=8, sites_per_well=2)
+        screen.technical.update(gain_sd_batch=0.35, gain_sd_plate=0.08, offset_sd=0.6,
+                                gradient_sd=0.2, batch_phenotype_shift=0.3)
+        simulate_screen(screen, None, os.path.join(data_dir, "raw"), seed=0)
+        build_raw_screen(os.path.join(data_dir, "raw"), dataset)
+    return dataset
 LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
@@ -121,16 +146,25 @@ def evaluate_features(name: str, cells: pd.DataFrame, lam: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--workdir", default="runs/cpcnn_synthetic")
+    parser.add_argument("--multi-batch", action="store_true",
+                        help="the multi-batch screen of the module docstring")
+    parser.add_argument("--data", default=None, help=f"default {DATA} ({MULTI_BATCH_DATA})")
+    parser.add_argument("--workdir", default=None,
+                        help="default runs/cpcnn_synthetic(_multibatch)")
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per CNN")
     parser.add_argument("--cells-per-site", type=int, default=40)
-    parser.add_argument("--strong-fraction", type=float, default=0.2)
+    parser.add_argument("--strong-fraction", type=float, default=0.2,
+                        help="train a CNN on this fraction of strongest treatments (0: skip)")
     parser.add_argument("--lam", type=float, default=1e-2, help="sphering lambda of the main table")
     args = parser.parse_args()
+    suffix = "_multibatch" if args.multi_batch else ""
+    args.workdir = args.workdir or f"runs/cpcnn_synthetic{suffix}"
     os.makedirs(args.out, exist_ok=True)
-    dataset = ensure_synthetic_screen(args.data)
+    if args.multi_batch:
+        dataset = multi_batch_screen(args.data or MULTI_BATCH_DATA)
+    else:
+        dataset = ensure_synthetic_screen(args.data or DATA)
     from morphjax.train.cpcnn import select_cells  # noqa: PLC0415
 
     config = cfg.load_config(os.path.join(CONFIGS, "cpcnn.py") + ":synthetic",
@@ -147,19 +181,23 @@ def main() -> None:
         profiling.write_table(tables["classical"], classical_path)
     strength = profile_eval.treatment_effect(
         profiling.profile(max_dose(tables["classical"]), lam=1e-2)["well_sphered"])
-    n_strong = max(2, int(round(args.strong_fraction * len(strength))))
-    strong = tuple(strength["Metadata_Perturbation"].head(n_strong))
-    print(f"strongest {n_strong} treatments: {', '.join(strong)}")
+    strong = ()
+    if args.strong_fraction > 0:
+        n_strong = max(2, int(round(args.strong_fraction * len(strength))))
+        strong = tuple(strength["Metadata_Perturbation"].head(n_strong))
+        print(f"strongest {n_strong} treatments: {', '.join(strong)}")
 
     all_dir = os.path.join(args.workdir, "all_treatments")
     strong_dir = os.path.join(args.workdir, "strong_treatments")
     train_cnn(dataset, all_dir, args.steps)
-    doses = max_dose(tables["classical"])
-    dose_of = doses.groupby("Metadata_Perturbation")["Metadata_Dose"].first()
-    train_cnn(dataset, strong_dir, args.steps,
-              include=tuple(f"{t}@{dose_of[t]}" for t in strong))
+    if strong:
+        doses = max_dose(tables["classical"])
+        dose_of = doses.groupby("Metadata_Perturbation")["Metadata_Dose"].first()
+        train_cnn(dataset, strong_dir, args.steps,
+                  include=tuple(f"{t}@{dose_of[t]}" for t in strong))
     tables["cnn_all"] = cnn_table(all_dir, cells)
-    tables["cnn_strong"] = cnn_table(strong_dir, cells)
+    if strong:
+        tables["cnn_strong"] = cnn_table(strong_dir, cells)
     tables["cnn_random_init"] = cnn_table(all_dir, cells, random_init=True)
 
     rows, sweeps = [], []
@@ -169,15 +207,16 @@ def main() -> None:
         sweeps.append(sweep)
     results = pd.DataFrame(rows)
     sweep = pd.concat(sweeps, ignore_index=True)
-    results.to_csv(os.path.join(args.out, "cpcnn_synthetic_cpu.csv"), index=False)
-    sweep.to_csv(os.path.join(args.out, "cpcnn_synthetic_lambda_sweep.csv"), index=False)
+    results.to_csv(os.path.join(args.out, f"cpcnn_synthetic{suffix}_cpu.csv"), index=False)
+    sweep.to_csv(os.path.join(args.out, f"cpcnn_synthetic{suffix}_lambda_sweep.csv"), index=False)
     for name, part in sweep.groupby("features", sort=False):
         profile_eval.plot_lambda_sweep(
-            part, os.path.join(args.out, f"cpcnn_synthetic_lambda_sweep_{name}.png"))
-    strength.to_csv(os.path.join(args.out, "cpcnn_synthetic_treatment_effect.csv"), index=False)
+            part, os.path.join(args.out, f"cpcnn_synthetic{suffix}_lambda_sweep_{name}.png"))
+    strength.to_csv(os.path.join(args.out, f"cpcnn_synthetic{suffix}_treatment_effect.csv"),
+                    index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(results.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    with open(os.path.join(args.out, "cpcnn_synthetic_cpu.json"), "w") as f:
+    with open(os.path.join(args.out, f"cpcnn_synthetic{suffix}_cpu.json"), "w") as f:
         json.dump({"cells": len(cells), "strong": list(strong), "steps": args.steps,
                    "lambda": args.lam}, f, indent=2)
 
