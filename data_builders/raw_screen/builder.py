@@ -563,7 +563,8 @@ def build_raw_screen(
             _write_csv(os.path.join(tmp_dir, f"{key}.csv"),
                        pd.DataFrame({"id": np.arange(len(values)), "name": values}))
         if screen.raw_dir:
-            for file_name in ("screen.json", "expression.npy", "gene_embeddings.npy"):
+            for file_name in ("screen.json", "expression.npy", "expression_genes.csv",
+                              "gene_embeddings.npy"):
                 source = os.path.join(screen.raw_dir, file_name)
                 if os.path.isfile(source):
                     shutil.copyfile(source, os.path.join(tmp_dir, file_name))
@@ -581,6 +582,9 @@ def build_raw_screen(
                 illumination_max_sites=illumination_max_sites, qc_min_std=qc_min_std,
                 qc_min_sharpness=qc_min_sharpness, split=split, test_fraction=test_fraction,
                 holdout=list(holdout), seed=seed))
+        for key in ("adapter_counts", "notes"):  # What a real-layout builder left out.
+            if key in screen.spec:
+                report[key] = screen.spec[key]
         report["seconds"] = round(time.perf_counter() - start, 3)
         io.atomic_write_json(os.path.join(tmp_dir, "build_report.json"), report)
         _replace_directory(tmp_dir, out_dir, overwrite)
