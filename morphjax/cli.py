@@ -16,6 +16,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, type-checked, e.g. --set train.batch_size=64 (repeatable)")
 
 
+_BUILDER_OPTIONS = {  # builder option -> CLI dest
+    "crop_size": "crop", "resize_to": "resize", "illumination": "illumination",
+    "illumination_sigma": "illumination_sigma", "split": "split",
+    "test_fraction": "test_fraction", "qc_min_std": "qc_min_std",
+    "qc_min_sharpness": "qc_min_sharpness", "stretch_percentiles": "stretch_percentiles",
+}
+
+
 def _add_builder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("crops, correction, filters and splits")
     g.add_argument("--crop", type=int, default=96, help="crop side in pixels, centred on each nucleus")
@@ -26,14 +34,55 @@ def _add_builder_args(p: argparse.ArgumentParser) -> None:
                         "median-filtered mean image, percentile stretch; none: stretch only")
     g.add_argument("--illumination-sigma", type=float, default=50.0,
                    help="Gaussian sigma of the impa flat field (pixels)")
+    g.add_argument("--stretch-percentiles", type=float, nargs=2, default=(0.05, 99.95),
+                   metavar=("LOW", "HIGH"),
+                   help="per-image stretch of deepprofiler/none to 0..255 (GRAPE: 0.1 99.9)")
     g.add_argument("--split", default="random_cells",
-                   choices=("random_cells", "plates", "perturbations", "scaffold"))
+                   choices=("random_cells", "plates", "perturbations", "scaffold", "given"),
+                   help="given: the split the screen's own files define (e.g. IMPA's SPLIT)")
     g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--holdout", action="append", default=[],
-                   help="plate or perturbation held out for test (repeatable)")
+                   help="plate or perturbation held out for test (repeatable; bbbc021: impa_ood "
+                        "= IMPA's unseen compounds)")
     g.add_argument("--qc-min-std", type=float, default=None, help="drop crops with a flatter channel")
     g.add_argument("--qc-min-sharpness", type=float, default=None,
                    help="drop crops whose DNA-channel Laplacian variance is lower (blur)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes cropping sites (default: all cores)")
+    e = p.add_argument_group("L1000 expression per perturbation (MorphDiff; data_builders/expression.py)")
+    e.add_argument("--expression", metavar="FILE",
+                   help="L1000 signatures (.gct, .gct.gz, .gctx, .csv/.tsv or .npy): one vector per "
+                        "perturbation is written as OUT/expression.npy + expression_genes.csv")
+    e.add_argument("--expression-key", default="pert_id",
+                   help="signature field matched to the perturbation ids (default pert_id)")
+    e.add_argument("--expression-match", default="perturbation",
+                   help="perturbation-table column matched to that field (default the id)")
+    e.add_argument("--landmarks", default="lm",
+                   help="'lm': the file's landmark flags (pr_is_lm, 978 genes); 'all': every gene; "
+                        "or a file listing genes (order kept)")
+    e.add_argument("--expression-controls", default="error",
+                   choices=("error", "zeros", "mean_of_controls"),
+                   help="what controls without signatures get (default: an error)")
+    e.add_argument("--signature-info", help="LINCS sig_info.txt (GCTX files carry ids only)")
+    e.add_argument("--gene-info", help="LINCS gene_info.txt (landmark flags, symbols)")
+    e.add_argument("--expression-meta", help=".npy input: CSV with one row per matrix row")
+    e.add_argument("--expression-genes", help=".npy input: one gene per matrix column")
+
+
+def _add_real_builders(datasets) -> None:
+    from data_builders import registry
+
+    for name in registry.REAL_BUILDERS:
+        module = registry.get_builder(name)
+        p = datasets.add_parser(name, help=module.SUMMARY,
+                                description=f"{module.SUMMARY}. Needs: {module.NEEDS}. "
+                                            f"Layout: see `{module.__name__}` docstring.")
+        p.add_argument("--raw", required=True, help="the screen's root directory")
+        p.add_argument("--out", required=True, help="output dataset directory")
+        p.add_argument("--seed", type=int, default=0, help="seed of the splits")
+        _add_builder_args(p)
+        p.set_defaults(**{_BUILDER_OPTIONS[k]: v for k, v in module.DEFAULTS.items()})
+        module.add_arguments(p.add_argument_group(f"{name} layout"))
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -60,10 +109,13 @@ def _parse_args(argv):
     _add_distributed_args(train)
 
     build = verbs.add_parser(
-        "build", help="build a dataset: the synthetic screen, or a raw screen on disk",
+        "build", help="build a dataset: the synthetic screen, a raw screen, or a public screen",
         description="Build a TFDS ArrayRecord dataset of single-cell crops. `synthetic_screen` "
-                    "first renders a procedural screen in the raw layout (data_builders/RAW_LAYOUT.md).")
-    datasets = build.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+                    "first renders a procedural screen in the raw layout (data_builders/RAW_LAYOUT.md); "
+                    "the others read a screen in its published layout (`morphjax build --list`).")
+    build.add_argument("--list", action="store_true",
+                       help="print the builders and what each needs on disk, then exit")
+    datasets = build.add_subparsers(dest="dataset", metavar="DATASET")
     synthetic = datasets.add_parser(
         "synthetic_screen", help="render a synthetic screen, then build it",
         description="Render a procedural Cell Painting screen with known ground truth into OUT/raw, "
@@ -86,6 +138,8 @@ def _parse_args(argv):
     raw.add_argument("--out", required=True, help="output dataset directory")
     raw.add_argument("--seed", type=int, default=0, help="seed of the splits")
     _add_builder_args(raw)
+    if list(argv[:1]) == ["build"]:  # Importing the builders is only worth it for `build`.
+        _add_real_builders(datasets)
 
     evaluate = verbs.add_parser(
         "evaluate", help="metrics on two image sets, two embedding tables, or a profile table",
@@ -237,6 +291,16 @@ def _parse_args(argv):
                             help="root of a theislab/IMPA checkout (needs torch and munch)")
     _add_timing_args(bench_impa)
 
+    bench_build = suites.add_parser(
+        "build", help="raw-screen builder crops/s with 1 and N worker processes",
+        description="Builds the same raw screen once per worker count and prints sites/s, "
+                    "crops/s, the speed-up and peak memory side by side.")
+    bench_build.add_argument("--raw", default=None, help="a raw screen (default: the small "
+                             "bbbc021_like synthetic screen, rendered if absent)")
+    bench_build.add_argument("--workers", type=int, nargs="+", default=None,
+                             help="worker counts to time (default: 1 and all cores)")
+    bench_build.add_argument("--crop", type=int, default=96)
+
     bench_cpcnn = suites.add_parser(
         "cpcnn", help="Cell Painting CNN train images/s and embedding cells/s on this device",
         description="Times the configs/cpcnn.py train step (EfficientNet-B0, 128x128x5, 490 "
@@ -328,9 +392,22 @@ def _sweep(args) -> int:
 def _build(args) -> int:
     from data_builders.raw_screen import build_raw_screen
 
+    if args.list or args.dataset is None:
+        from data_builders import registry
+
+        rows = registry.builder_table()
+        width = max(len(r[0]) for r in rows)
+        print(f"{'builder':<{width}}  what it reads, and what it needs on disk")
+        for name, summary, needs in rows:
+            print(f"{name:<{width}}  {summary}\n{'':<{width}}    needs: {needs}")
+        print("usage: morphjax build BUILDER --raw DIR --out DIR [options]; "
+              "morphjax build BUILDER --help")
+        return 0 if args.list else 2
     options = dict(crop_size=args.crop, resize_to=args.resize, illumination=args.illumination,
-                   illumination_sigma=args.illumination_sigma, split=args.split,
-                   test_fraction=args.test_fraction, holdout=tuple(args.holdout), seed=args.seed)
+                   illumination_sigma=args.illumination_sigma,
+                   stretch_percentiles=tuple(args.stretch_percentiles), split=args.split,
+                   test_fraction=args.test_fraction, holdout=tuple(args.holdout), seed=args.seed,
+                   workers=args.workers)
     if args.qc_min_std is not None:
         options["qc_min_std"] = args.qc_min_std
     if args.qc_min_sharpness is not None:
@@ -342,9 +419,32 @@ def _build(args) -> int:
         summary = simulate_screen(args.preset, args.scale, raw_dir, seed=args.seed,
                                   shared_data=args.shared_data)
         print(f"raw screen: {raw_dir}  " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-    else:
+    elif args.dataset == "raw_screen":
         raw_dir, out_dir = args.raw, args.out
+    else:
+        from data_builders import registry
+
+        module = registry.get_builder(args.dataset)
+        named = getattr(module, "HOLDOUTS", {})  # e.g. bbbc021's impa_ood
+        options["holdout"] = tuple(h for name in args.holdout for h in named.get(name, (name,)))
+        raw_dir, out_dir = module.read(args.raw, args), args.out
+    expression = None
+    if args.expression:  # Paired before the build: a missing perturbation fails fast.
+        from data_builders.raw_screen import layout
+
+        if not isinstance(raw_dir, layout.RawScreen):
+            raw_dir = layout.read_screen(raw_dir)
+        expression = _pair_expression(raw_dir.perturbations, args)
     report = build_raw_screen(raw_dir, out_dir, **options)
+    if args.dataset not in ("synthetic_screen", "raw_screen"):
+        finish = getattr(module, "finish", None)
+        if finish is not None:  # Builder-specific outputs, e.g. GRAPE's z-score statistics.
+            finish(out_dir, raw_dir)
+    if expression is not None:
+        from data_builders import expression as ex
+
+        paths = ex.write_expression(out_dir, *expression)
+        print(f"expression: {paths['expression']} {expression[0].shape}")
     cells = report["cells"]
     print(f"dataset: {out_dir} ({report['sites']} sites, channels {', '.join(report['channels'])})")
     print("cells: " + ", ".join(f"{k} {v}" for k, v in cells.items()))
@@ -353,6 +453,32 @@ def _build(args) -> int:
           + ", ".join(f"{k} {v}" for k, v in report["perturbations_per_split"].items()))
     print(f"full report: {os.path.join(out_dir, 'build_report.json')}")
     return 0
+
+
+def _pair_expression(perturbations, args):
+    """(matrix, genes) of --expression for the screen's perturbations."""
+    from data_builders import expression as ex
+
+    path = args.expression
+    if path.lower().endswith(".gctx"):
+        sig = ex.read_gctx(path, pert_ids=perturbations[args.expression_match].tolist()
+                           if args.expression_key == "pert_id" else None,
+                           signature_info=args.signature_info, gene_info=args.gene_info)
+    else:
+        kwargs = {}
+        if path.lower().endswith(".npy"):
+            kwargs = dict(meta=args.expression_meta, genes=args.expression_genes)
+        sig = ex.read_signatures(path, **kwargs)
+        if args.signature_info or args.gene_info:
+            sig = ex.add_metadata(sig, signature_info=args.signature_info,
+                                  gene_info=args.gene_info)
+    if args.landmarks != "all":
+        sig = ex.select_landmarks(sig, landmarks=None if args.landmarks == "lm"
+                                  else args.landmarks, n_expected=None)
+    matrix, _ = ex.pair_expression(perturbations, sig, key=args.expression_key,
+                                   perturbation_column=args.expression_match,
+                                   controls=args.expression_controls)
+    return matrix, sig.genes
 
 
 def _evaluate(args) -> int:
@@ -443,6 +569,12 @@ def _demo(args) -> int:
 
 def _bench(args) -> int:
     from morphjax.benchmarks import bench_features, bench_metrics
+
+    if args.suite == "build":
+        from morphjax.bench_build import bench_build
+        workers = args.workers or sorted({1, os.cpu_count() or 1})
+        bench_build(args.raw, workers=workers, crop_size=args.crop)
+        return 0
     sizes = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
     if args.suite == "cpcnn":
         from morphjax.bench_cpcnn import bench_cpcnn

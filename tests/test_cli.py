@@ -146,3 +146,40 @@ def test_bench_metrics_prints_side_by_side_table(capsys):
     assert len(rows) == 4 and "speedup" in out and "device:" in out
     fid_ours, fid_ref = (float(v) for v in rows[0].split()[-3::2])
     assert fid_ours == pytest.approx(fid_ref, rel=1e-5)
+
+
+def test_build_list_and_expression_paired_before_the_build(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+
+    from test_raw_screen import PERTURBATIONS, write_screen
+
+    assert cli.main(["build", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("synthetic_screen", "raw_screen", "bbbc021", "rxrx1", "jump_cpg0000",
+                 "deepprofiler_layout", "ops"):
+        assert f"\n{name} " in listed
+    assert listed.count("needs:") == 7
+
+    raw = str(tmp_path / "raw")
+    write_screen(raw, plates=("P1",))
+    rng = np.random.default_rng(0)
+    ids = list(PERTURBATIONS["perturbation"])
+    values = rng.normal(size=(2 * len(ids), 6))  # two replicate signatures per perturbation
+    signatures = pd.DataFrame(values, columns=[f"g{i}" for i in range(6)])
+    signatures.insert(0, "pert_id", ids + ids)
+    signatures.insert(0, "sig_id", [f"s{i}" for i in range(len(signatures))])
+    signatures.to_csv(tmp_path / "sig.csv", index=False)
+    args = ["build", "raw_screen", "--raw", raw, "--crop", "32", "--illumination-sigma", "8",
+            "--expression", str(tmp_path / "sig.csv"), "--landmarks", "all"]
+    assert cli.main(args + ["--out", str(tmp_path / "out")]) == 0
+    expression = np.load(tmp_path / "out" / "expression.npy")
+    expected = signatures.groupby("pert_id", sort=False)[[f"g{i}" for i in range(6)]].mean()
+    np.testing.assert_allclose(expression, expected.loc[ids].to_numpy(), rtol=1e-6)
+    genes = pd.read_csv(tmp_path / "out" / "expression_genes.csv")
+    assert list(genes["id"]) == [f"g{i}" for i in range(6)]
+
+    signatures[signatures["pert_id"] != "docetaxel"].to_csv(tmp_path / "sig.csv", index=False)
+    with pytest.raises(ValueError, match="docetaxel"):
+        cli.main(args + ["--out", str(tmp_path / "out2")])
+    assert not (tmp_path / "out2").exists()  # Paired before any image was read.

@@ -223,10 +223,11 @@ def test_deepprofiler_illumination_follows_the_field():
         1.0, abs=0.03)
 
 
-def test_stretch_maps_percentiles_to_full_range():
+@pytest.mark.parametrize("percentiles", [(0.05, 99.95), (0.1, 99.9), (5.0, 90.0)])
+def test_stretch_maps_percentiles_to_full_range(percentiles):
     image = np.arange(10000, dtype=np.float64).reshape(100, 100)
-    out = illumination.stretch_to_uint8(image)
-    lo, hi = np.percentile(image, [0.05, 99.95])
+    out = illumination.correct("none", image, None, percentiles)
+    lo, hi = np.percentile(image, percentiles)
     expected = np.round(np.clip((image - lo) / (hi - lo), 0, 1) * 255)
     np.testing.assert_array_equal(out, expected)
     assert out.min() == 0 and out.max() == 255

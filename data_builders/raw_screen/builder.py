@@ -202,7 +202,12 @@ def _vocabulary(values) -> list[str]:
 
 
 def _check_options(crop_size, resize_to, illumination, illumination_sigma,
-                   illumination_max_sites, qc_min_std, qc_min_sharpness, shard_bytes) -> None:
+                   illumination_max_sites, qc_min_std, qc_min_sharpness, shard_bytes,
+                   stretch_percentiles) -> None:
+    lo, hi = stretch_percentiles
+    if not 0.0 <= lo < hi <= 100.0:
+        raise ValueError(f"stretch_percentiles must be 0 <= low < high <= 100, got "
+                         f"{tuple(stretch_percentiles)}.")
     if int(crop_size) != crop_size or crop_size < 2:
         raise ValueError(f"crop_size must be an integer >= 2, got {crop_size}.")
     if resize_to is not None and (int(resize_to) != resize_to or resize_to < 1):
@@ -306,7 +311,8 @@ def _read_crops(screen, paths, crop_size) -> np.ndarray:
 
 
 def _site_crops(screen, site_row, centers, statistics, *, illumination, crop_size, resize_to,
-                dna, qc_min_std, qc_min_sharpness, expected_shape, crop_paths=None):
+                dna, qc_min_std, qc_min_sharpness, expected_shape, stretch_percentiles,
+                crop_paths=None):
     """Corrected crops of one site's cells that pass, and every cell's fate: "kept",
     "border", "low_variance" or "blur" (the first filter that removes it)."""
     if crop_paths is not None:
@@ -315,7 +321,8 @@ def _site_crops(screen, site_row, centers, statistics, *, illumination, crop_siz
     else:
         raw = layout.read_site(screen, site_row, expected_shape)
         image = np.stack(
-            [illumination_lib.correct(illumination, raw[..., c], statistics[c])
+            [illumination_lib.correct(illumination, raw[..., c], statistics[c],
+                                      stretch_percentiles)
              for c in range(raw.shape[-1])], axis=-1)
         origins, inside = crops_lib.crop_origins(centers, crop_size, image.shape)
         crops = crops_lib.extract_crops(image, origins[inside], crop_size)
@@ -370,6 +377,7 @@ def build_raw_screen(
     illumination: str = "impa",
     illumination_sigma: float = 50.0,
     illumination_max_sites: int = 100,
+    stretch_percentiles: Sequence[float] = illumination_lib.STRETCH_PERCENTILES,
     qc_min_std: float = 1.0,
     qc_min_sharpness: float = 0.0,
     dna_channel: str | None = None,
@@ -397,6 +405,8 @@ def build_raw_screen(
       illumination_sigma: Gaussian sigma of the impa flat field, pixels (IMPA: 50).
       illumination_max_sites: plate statistics use a seeded subsample of at most this many
         sites of the plate (all of them when the plate has fewer).
+      stretch_percentiles: per-image percentiles the deepprofiler and none corrections stretch
+        to 0..255 (DeepProfiler 0.05, 99.95; GRAPE 0.1, 99.9).
       qc_min_std: drop crops whose DNA channel has a standard deviation (uint8 units) below
         this: a crop centred on a nucleus is never flat, an empty or saturated one is. The
         default 1.0 removes only near-constant crops; 0 turns the filter off.
@@ -419,7 +429,8 @@ def build_raw_screen(
     start = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_options(crop_size, resize_to, illumination, illumination_sigma,
-                   illumination_max_sites, qc_min_std, qc_min_sharpness, shard_bytes)
+                   illumination_max_sites, qc_min_std, qc_min_sharpness, shard_bytes,
+                   stretch_percentiles)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     if os.path.exists(out_dir) and not overwrite:
@@ -474,7 +485,8 @@ def build_raw_screen(
         workers = 1 if len(index) < 32 else (os.cpu_count() or 1)
     site_options = dict(
         illumination=illumination, crop_size=crop_size, resize_to=resize_to, dna=dna,
-        qc_min_std=qc_min_std, qc_min_sharpness=qc_min_sharpness, expected_shape=expected_shape)
+        qc_min_std=qc_min_std, qc_min_sharpness=qc_min_sharpness, expected_shape=expected_shape,
+        stretch_percentiles=tuple(float(p) for p in stretch_percentiles))
 
     out_size = int(resize_to or crop_size)
     features = dataset_features(out_size, len(channels))
@@ -579,7 +591,8 @@ def build_raw_screen(
             raw_dir=raw_dir, out_dir=out_dir, options=dict(
                 crop_size=crop_size, resize_to=resize_to, illumination=illumination,
                 illumination_sigma=illumination_sigma,
-                illumination_max_sites=illumination_max_sites, qc_min_std=qc_min_std,
+                illumination_max_sites=illumination_max_sites,
+                stretch_percentiles=list(stretch_percentiles), qc_min_std=qc_min_std,
                 qc_min_sharpness=qc_min_sharpness, split=split, test_fraction=test_fraction,
                 holdout=list(holdout), seed=seed))
         for key in ("adapter_counts", "notes"):  # What a real-layout builder left out.

@@ -17,7 +17,8 @@ illumination function is the plate's mean image, downscaled 4x, median filtered 
 diameter 24 at that scale), resized back, clipped below at its 2nd percentile and divided by
 that robust minimum; each image is divided by it and stretched between its own 0.05 and 99.95
 percentiles to uint8. (DeepProfiler also caps the stretch at a plate-wide upper percentile;
-that cap is left out.) `none` is the per-image percentile stretch alone.
+that cap is left out.) `none` is the per-image percentile stretch alone. The stretch
+percentiles are an option: GRAPE (grape.txt 3.2) rescales 0.1..99.9 after the flat field.
 """
 
 from collections.abc import Sequence
@@ -69,9 +70,10 @@ def deepprofiler_illumination(images: Sequence[np.ndarray] | np.ndarray) -> np.n
     return np.maximum(illum, robust_min) / robust_min
 
 
-def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
-    """Linear stretch of the image's 0.05..99.95 percentile range to 0..255 (clipped)."""
-    lo, hi = np.percentile(image, STRETCH_PERCENTILES)
+def stretch_to_uint8(image: np.ndarray,
+                     percentiles: Sequence[float] = STRETCH_PERCENTILES) -> np.ndarray:
+    """Linear stretch of the image's percentile range (default 0.05..99.95) to 0..255 (clipped)."""
+    lo, hi = np.percentile(image, tuple(percentiles))
     if hi <= lo:
         return np.zeros(image.shape, np.uint8)
     scaled = np.clip((image - lo) / (hi - lo), 0.0, 1.0) * 255.0
@@ -88,10 +90,12 @@ def plate_statistic(method: str, images: np.ndarray, sigma: float) -> np.ndarray
     return None
 
 
-def correct(method: str, image: np.ndarray, statistic: np.ndarray | None) -> np.ndarray:
-    """One raw single-channel image -> corrected uint8 image."""
+def correct(method: str, image: np.ndarray, statistic: np.ndarray | None,
+            stretch: Sequence[float] = STRETCH_PERCENTILES) -> np.ndarray:
+    """One raw single-channel image -> corrected uint8 image (`stretch`: the percentiles of
+    the deepprofiler and none stretches)."""
     if method == "impa":
         return impa_to_uint8(image, statistic)
     if method == "deepprofiler":
-        return stretch_to_uint8(image / statistic)
-    return stretch_to_uint8(image)
+        return stretch_to_uint8(image / statistic, stretch)
+    return stretch_to_uint8(image, stretch)

@@ -9,6 +9,7 @@ the builder crops a fixed window around each one.
 
 import concurrent.futures
 import multiprocessing
+import os
 
 import numpy as np
 import pandas as pd
@@ -148,15 +149,17 @@ def detect_locations(
 
     Returns a table with columns site_row, x, y (one row per nucleus, sites in index order),
     the `locations` argument of layout.make_screen. `workers` > 1 detects sites in a pool of
-    spawned processes (default 1); the result does not depend on it. `kwargs` go to
-    detect_nuclei.
+    spawned processes (default: all cores, 1 for screens under 32 sites); the result does
+    not depend on it. `kwargs` go to detect_nuclei.
     """
     if channel not in screen.channels:
         raise ValueError(f"Channel {channel!r} is not one of the screen's channels "
                          f"{list(screen.channels)}.")
     channel_index = list(screen.channels).index(channel)
     sites = range(len(screen.index))
-    workers = 1 if workers is None else int(workers)
+    if workers is None:
+        workers = 1 if len(sites) < 32 else (os.cpu_count() or 1)
+    workers = int(workers)
     bar = tqdm(total=len(sites), disable=not progress, unit="site", desc="detect nuclei")
     results = []
     if workers <= 1:
