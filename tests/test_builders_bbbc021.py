@@ -275,15 +275,18 @@ def test_raw_errors(raw_copy, tmp_path):
     os.remove(actin)
     with pytest.raises(FileNotFoundError, match=f"{actin.name}.*row 0"):
         bbbc021.read_bbbc021(raw_dir, centers=centres)
+    # Bit depth and shapes are checked when the images are read: by the build.
+    _write_tiff(str(actin), np.zeros((128, 160), np.uint16))
+    screen = bbbc021.read_bbbc021(raw_dir, centers=centres)
     Image.fromarray(np.zeros((128, 160), np.uint8)).save(actin, format="TIFF")  # 8-bit.
     with pytest.raises(ValueError, match=f"{actin.name} .*mode L.*16-bit greyscale"):
-        bbbc021.read_bbbc021(raw_dir)
+        build_raw_screen(screen, tmp_path / "out", crop_size=32, progress=False)
     Image.fromarray(np.zeros((128, 160, 3), np.uint8)).save(actin, format="TIFF")  # RGB.
     with pytest.raises(ValueError, match=f"{actin.name} .*mode RGB"):
-        bbbc021.read_bbbc021(raw_dir)
+        build_raw_screen(screen, tmp_path / "out", crop_size=32, progress=False)
     _write_tiff(str(actin), np.zeros((128, 150), np.uint16))
-    with pytest.raises(ValueError, match="differ in shape.*150"):
-        bbbc021.read_bbbc021(raw_dir)
+    with pytest.raises(ValueError, match="disagree in shape.*150"):
+        build_raw_screen(screen, tmp_path / "out", crop_size=32, progress=False)
 
     bad = table.copy()
     bad.loc[2, "Image_FileName_Tubulin"] = ""

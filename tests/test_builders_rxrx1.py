@@ -138,20 +138,26 @@ def test_build_u2os(release, tmp_path):
             assert int(item["is_control"]) == int(cell["is_control"])
 
 
+def _read_and_build(root, tmp_path):
+    """Bit depth and shapes are checked where the images are read: detection and the build."""
+    screen = rxrx1.read_rxrx1(root, cell_types=["U2OS"])
+    build_raw_screen(screen, tmp_path / "out", crop_size=CROP, progress=False, workers=1)
+
+
 def test_sixteen_bit_png_is_an_error(release, tmp_path):
     root = _copy_release(release, tmp_path)
     path = root / "images" / "U2OS-01" / "Plate1" / "B03_s2_w4.png"
     Image.fromarray(np.full((SIZE, SIZE), 1000, np.uint16)).save(path)
-    with pytest.raises(ValueError, match=r"B03_s2_w4\.png.*8-bit greyscale"):
-        rxrx1.read_rxrx1(root, cell_types=["U2OS"])
+    with pytest.raises(ValueError, match=r"B03_s2_w4\.png.*mode I;16.*8-bit greyscale"):
+        _read_and_build(root, tmp_path)
 
 
 def test_colour_png_is_an_error(release, tmp_path):
     root = _copy_release(release, tmp_path)
     path = root / "images" / "U2OS-01" / "Plate1" / "B02_s1_w1.png"
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(path)
-    with pytest.raises(ValueError, match=r"B02_s1_w1\.png.*mode 'RGB'"):
-        rxrx1.read_rxrx1(root, cell_types=["U2OS"])
+    with pytest.raises(ValueError, match=r"B02_s1_w1\.png.*mode RGB"):
+        _read_and_build(root, tmp_path)
 
 
 def test_channels_of_different_shapes_are_an_error(release, tmp_path):
@@ -159,13 +165,13 @@ def test_channels_of_different_shapes_are_an_error(release, tmp_path):
     path = root / "images" / "U2OS-02" / "Plate2" / "C05_s1_w3.png"
     Image.fromarray(np.zeros((256, 256), np.uint8)).save(path)
     with pytest.raises(ValueError, match="U2OS-02_Plate2 well C05 site 1.*disagree in shape"):
-        rxrx1.read_rxrx1(root, cell_types=["U2OS"])
+        _read_and_build(root, tmp_path)
 
 
 def test_metadata_row_without_images_is_an_error(release, tmp_path):
     root = _copy_release(release, tmp_path)
     os.remove(root / "images" / "U2OS-01" / "Plate1" / "B04_s1_w5.png")
-    with pytest.raises(FileNotFoundError, match=r"U2OS-01_1_B04_1.*B04_s1_w5\.png"):
+    with pytest.raises(FileNotFoundError, match=r"B04_s1_w5\.png.*well B04 site 1"):
         rxrx1.read_rxrx1(root)
 
 

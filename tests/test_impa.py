@@ -289,3 +289,19 @@ def test_morgan_fingerprints_are_cached_on_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(chem, "morgan_fingerprints", no_rdkit)
     np.testing.assert_array_equal(conditions.cached_morgan(smiles, 2, 1024, str(tmp_path)), first)
+
+
+def test_perturbations_without_smiles_or_gene_embedding_are_named(tmp_path):
+    genes = tmp_path / "genes.txt"
+    genes.write_text("TP53 0.1 0.2\nMYC 1 2\n")
+    table = pd.DataFrame({"perturbation": ["DMSO", "nutlin", "sgTP53", "sgKRAS"],
+                          "type": ["control", "compound", "crispr", "crispr"],
+                          "is_control": [1, 0, 0, 0], "smiles": ["CS(C)=O", "", "", ""],
+                          "target_gene": ["", "", "TP53", "KRAS"], "modality": ""})
+    with pytest.raises(ValueError, match=r"without SMILES.*\['nutlin'\]"):
+        conditions.perturbation_embeddings("", table, gene_embeddings=str(genes))
+    table.loc[1, "smiles"] = "CC(C)OC1=CC=CC=C1"
+    with pytest.raises(ValueError, match=r"no gene embedding for target genes \['KRAS'\]"):
+        conditions.perturbation_embeddings("", table, gene_embeddings=str(genes))
+    out = conditions.perturbation_embeddings("", table.iloc[:3], gene_embeddings=str(genes))
+    assert sum(m.shape[0] for m in out.values()) == 3 * len(out)

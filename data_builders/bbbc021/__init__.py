@@ -13,7 +13,7 @@ import os
 
 from data_builders.bbbc021.impa import read_bbbc021_impa, sample_key_path
 from data_builders.bbbc021.raw import CHANNELS, IMPA_OOD, IMPA_SIX, SUBSETS
-from data_builders.bbbc021.raw import read_bbbc021, read_site_tiffs
+from data_builders.bbbc021.raw import read_bbbc021
 from data_builders.raw_screen import layout
 
 NAME = "bbbc021"
@@ -26,7 +26,7 @@ HOLDOUTS = {"impa_ood": IMPA_OOD}
 
 __all__ = ["CHANNELS", "DEFAULTS", "HOLDOUTS", "IMPA_OOD", "IMPA_SIX", "NAME", "NEEDS", "SUBSETS",
            "SUMMARY", "add_arguments", "read", "read_bbbc021", "read_bbbc021_impa",
-           "read_site_tiffs", "sample_key_path"]
+           "sample_key_path"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

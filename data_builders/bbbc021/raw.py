@@ -34,7 +34,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from data_builders.raw_screen import layout
 from data_builders.raw_screen import nuclei
@@ -148,34 +147,6 @@ def _dose_key(dose: float) -> float:
     return round(float(dose), 6)
 
 
-def read_site_tiffs(screen: layout.RawScreen, site_row: int) -> np.ndarray:
-    """One BBBC021 site as float32 (H, W, 3): its three 16-bit greyscale TIFFs, checked."""
-    where = screen.site_label(site_row)
-    planes, shapes = [], {}
-    for channel in screen.channels:
-        path = screen.image_path(site_row, channel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Missing image {path} ({channel} of {where}).")
-        try:
-            with Image.open(path) as image:
-                if getattr(image, "n_frames", 1) != 1:
-                    raise ValueError(f"{image.n_frames} pages, expected one")
-                mode = image.mode
-                image.load()
-                array = np.asarray(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"Cannot read image {path} ({where}): {e}") from e
-        if mode not in SIXTEEN_BIT_MODES or array.ndim != 2:
-            raise ValueError(
-                f"Image {path} ({where}) has mode {mode} and shape {array.shape}; BBBC021 "
-                "images are single-page 16-bit greyscale TIFFs.")
-        planes.append(array)
-        shapes[os.path.basename(path)] = array.shape
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"The channel images of {where} differ in shape: {shapes}.")
-    return np.stack(planes, axis=-1).astype(np.float32)
-
-
 def _find_table(raw_dir: str, name: str) -> str:
     path = os.path.join(raw_dir, name)
     if not os.path.isfile(path) and os.path.isfile(path + ".gz"):
@@ -260,8 +231,10 @@ def read_bbbc021(
                    if m == ""]
     notes.append(f"{len(unannotated)} compound(s) without an MoA (moa ''): {unannotated}")
     spec = {"name": "bbbc021", "channels": list(CHANNELS), "bit_depth": 16, "notes": notes}
+    images = dict(image_modes=SIXTEEN_BIT_MODES,
+                  image_description="a single-page 16-bit greyscale TIFF (BBBC021)")
     screen = layout.make_screen(spec, index, perturbations, source=image_path,
-                                images_dir=raw_dir, site_reader=read_site_tiffs)
+                                images_dir=raw_dir, **images)
     if centers is not None:
         locations, skipped = read_centers(os.fspath(centers), table, all_images)
         notes.append(f"nucleus centres from {os.fspath(centers)}; {skipped} centres of "
@@ -271,8 +244,7 @@ def read_bbbc021(
             screen, "DNA", workers=detect_workers, progress=progress, **(detect_options or {}))
         notes.append(f"nucleus centres detected on DNA ({len(locations)} nuclei)")
     return layout.make_screen(spec, index, perturbations, source=image_path,
-                              images_dir=raw_dir, locations=locations,
-                              site_reader=read_site_tiffs)
+                              images_dir=raw_dir, locations=locations, **images)
 
 
 def _site_index(table: pd.DataFrame, path: str, raw_dir: str) -> pd.DataFrame:

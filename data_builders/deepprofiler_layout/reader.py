@@ -253,7 +253,8 @@ def read_deepprofiler(
       compressed: read `prepare`'s 8-bit PNGs under outputs/compressed/images (index .tif(f)
         paths read as .png); default config prepare.compression.implement.
       bit_depth: expected bits per pixel (default 8 when compressed, else config
-        dataset.images.bits or 16), checked on the first site of every plate.
+        dataset.images.bits or 16), checked on the first site of every plate, and on every
+        image as the build reads it.
       perturbation_type: type of the non-control perturbations (compound, orf, crispr, sirna).
       split_field: index column with DeepProfiler's split; sites whose value is in
         `train_values` go to train, in `test_values` to test (default the config's
@@ -368,4 +369,7 @@ def read_deepprofiler(
             "bit_depth": bit_depth, "source_layout": "deepprofiler",
             "label_field": label_field, "config": config_path, "adapter_counts": counts}
     return layout.make_screen(spec, sites, perturbations, source=source, images_dir=images_dir,
-                              locations=locations)
+                              locations=locations,
+                              image_modes=layout.BIT_DEPTH_MODES.get(bit_depth),
+                              image_description=f"a {bit_depth}-bit greyscale image (pass "
+                                                "bit_depth / --compressed to match the files)")

@@ -231,7 +231,8 @@ def read_cpg0000(
       locations: "cellprofiler" (workspace/analysis Nuclei.csv + Image.csv) or a folder in
         DeepProfiler's layout ({Plate}/{Well}-{Site}-Nuclei.csv).
       nuclei_object: CellProfiler object table name for "cellprofiler" locations.
-      bit_depth: expected bits per pixel, checked on the first site of every plate.
+      bit_depth: expected bits per pixel, checked on the first site of every plate before the
+        build and on every image as the build reads it.
 
     Plate-map wells that were not imaged are counted (spec["adapter_counts"]
     ["platemap_wells_not_imaged"]); imaged wells missing from the plate map, plate-map samples
@@ -386,4 +387,6 @@ def read_cpg0000(
     perturbations = perturbations[used].reset_index(drop=True)
     spec = {"name": name, "channels": channels, "bit_depth": bit_depth,
             "source_layout": "cellpainting_gallery", "adapter_counts": counts}
-    return layout.make_screen(spec, index, perturbations, source=source, locations=cells)
+    return layout.make_screen(spec, index, perturbations, source=source, locations=cells,
+                              image_modes=layout.BIT_DEPTH_MODES.get(bit_depth),
+                              image_description=f"a {bit_depth}-bit greyscale TIFF")

@@ -286,9 +286,7 @@ def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_n
                 for c in range(len(screen.channels))], len(site_rows)
     statistics = []
     for channel in screen.channels:
-        images = np.stack([
-            layout.read_image(screen.image_path(s, channel), screen.site_label(s))
-            for s in site_rows])
+        images = np.stack([layout.read_channel(screen, s, channel) for s in site_rows])
         statistics.append(illumination_lib.plate_statistic(method, images, sigma))
     return statistics, len(site_rows)
 

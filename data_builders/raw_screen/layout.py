@@ -13,7 +13,7 @@ nucleus centres in memory, a reader for multi-channel image files, or pre-cut cr
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ CENTER_X, CENTER_Y = "Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"
 PERTURBATION_TYPES = ("compound", "crispr", "orf", "sirna", "control")
 REQUIRED_PERTURBATION_COLUMNS = ("perturbation", "type", "is_control")
 OPTIONAL_PERTURBATION_COLUMNS = ("moa", "smiles", "target_gene", "complex", "sequence")
+
+# PIL modes of greyscale files by bit depth (16-bit PNGs open as "I" on older Pillow).
+BIT_DEPTH_MODES = {8: ("L",), 16: ("I;16", "I;16B", "I;16L", "I")}
 
 _DNA_NAMES = ("dna", "dapi", "hoechst", "nuclei", "nucleus", "nuclear")
 
@@ -59,6 +62,8 @@ class RawScreen:
     site_reader: Callable[["RawScreen", int], np.ndarray] | None = None
     precropped: bool = False
     expression: np.ndarray | None = None
+    image_modes: tuple[str, ...] | None = None  # PIL modes the screen's files must have.
+    image_description: str = ""  # What they must be, for the error (e.g. "16-bit TIFF").
 
     @property
     def name(self) -> str:
@@ -274,6 +279,8 @@ def make_screen(
     locations: pd.DataFrame | None = None,
     site_reader: Callable[[RawScreen, int], np.ndarray] | None = None,
     expression: np.ndarray | None = None,
+    image_modes: Sequence[str] | None = None,
+    image_description: str = "",
 ) -> RawScreen:
     """A validated screen from in-memory tables, for builders of real layouts.
 
@@ -293,6 +300,9 @@ def make_screen(
         order, for images that are not one greyscale file per channel.
       expression: float32 (n_perturbations, n_genes), rows in `perturbations` order (MorphDiff's
         L1000 vectors; data_builders/expression.py); written to the dataset as expression.npy.
+      image_modes: the PIL modes every image file must have (the published bit depth: e.g.
+        ("I;16", "I;16B") for 16-bit TIFFs, ("L",) for 8-bit PNGs); another mode is an error
+        naming the file, the mode and `image_description`.
     """
     spec = check_spec(dict(spec), source)
     channels = tuple(spec["channels"])
@@ -315,7 +325,9 @@ def make_screen(
                              f"({len(perturbations)}, n_genes), one row per perturbation.")
     spec.setdefault("name", os.path.splitext(os.path.basename(source))[0] or "screen")
     screen = _screen("", spec, index, perturbations, source, images_dir=images_dir,
-                     site_reader=site_reader, precropped=precropped, expression=expression)
+                     site_reader=site_reader, precropped=precropped, expression=expression,
+                     image_modes=None if image_modes is None else tuple(image_modes),
+                     image_description=image_description)
     if locations is not None:
         screen = dataclasses.replace(screen, locations=check_locations(screen, locations))
     if needs_paths:
@@ -383,27 +395,44 @@ def dna_channel_index(channels, dna_channel: str | None = None) -> int:
     return 0
 
 
-def read_image(path: str, where: str) -> np.ndarray:
+def read_image(path: str, where: str, modes: Sequence[str] | None = None,
+               description: str = "") -> np.ndarray:
     """One greyscale image (PNG or TIFF, 8/16-bit or float) as a 2-D array.
 
     A missing, truncated or corrupt file, or a colour / multi-page image, is an error naming
-    the path and `where` (the site).
+    the path and `where` (the site); so is a PIL mode outside `modes` when given (a screen
+    published at one bit depth).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Missing image {path} ({where}).")
     try:
         with Image.open(path) as image:
+            if modes is not None and image.mode not in modes:
+                raise _ModeError(f"Image {path} ({where}) has mode {image.mode}; expected "
+                                 f"{description or 'one of ' + str(list(modes))}.")
             if getattr(image, "n_frames", 1) != 1:
                 raise ValueError(f"{image.n_frames} frames, expected one plane per file")
             if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
                 raise ValueError(f"mode {image.mode}, expected a greyscale image")
             image.load()
             array = np.asarray(image)
+    except _ModeError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"Cannot read image {path} ({where}): corrupt or truncated? {e}") from e
     if array.ndim != 2:
         raise ValueError(f"Image {path} ({where}) has shape {array.shape}; expected 2-D.")
     return array
+
+
+class _ModeError(ValueError):
+    """An image of the wrong bit depth or colour mode for its screen."""
+
+
+def read_channel(screen: RawScreen, site_row: int, channel: str) -> np.ndarray:
+    """One channel image of a site, checked against the screen's image modes."""
+    return read_image(screen.image_path(site_row, channel), screen.site_label(site_row),
+                      screen.image_modes, screen.image_description)
 
 
 def image_shape(path: str, where: str) -> tuple[int, int]:
@@ -448,7 +477,7 @@ def read_site(screen: RawScreen, site_row: int, expected_shape=None) -> np.ndarr
             raise ValueError(f"Images of {where} have shape {image.shape[:2]} but the "
                              f"screen's image_size is {list(expected_shape)}.")
         return image
-    planes = [read_image(screen.image_path(site_row, c), where) for c in screen.channels]
+    planes = [read_channel(screen, site_row, c) for c in screen.channels]
     shapes = {c: p.shape for c, p in zip(screen.channels, planes)}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"Channels of {where} disagree in shape: {shapes}.")

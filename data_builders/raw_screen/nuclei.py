@@ -118,9 +118,7 @@ def detect_site(screen: layout.RawScreen, site_row: int, channel_index: int,
     if screen.site_reader is not None:
         image = layout.read_site(screen, site_row)[..., channel_index]
     else:
-        channel = screen.channels[channel_index]
-        image = layout.read_image(screen.image_path(site_row, channel),
-                                  screen.site_label(site_row))
+        image = layout.read_channel(screen, site_row, screen.channels[channel_index])
     return detect_nuclei(image, **kwargs)
 
 

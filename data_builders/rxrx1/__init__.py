@@ -13,7 +13,7 @@ keeps the 8-bit range.
 import argparse
 
 from data_builders.raw_screen import layout
-from data_builders.rxrx1.reader import CHANNELS, DNA_CHANNEL, read_rxrx1, read_rxrx1_site
+from data_builders.rxrx1.reader import CHANNELS, DNA_CHANNEL, read_rxrx1
 
 NAME = "rxrx1"
 SUMMARY = "RxRx1 siRNA screen, 4 cell types, 51 experiments (Recursion 2019; IMPA batch corr.)"
@@ -22,7 +22,7 @@ NEEDS = ("rxrx1/metadata.csv and rxrx1/images/{experiment}/Plate{plate}/{well}_s
 DEFAULTS = dict(crop_size=96, illumination="deepprofiler")
 
 __all__ = ["CHANNELS", "DEFAULTS", "DNA_CHANNEL", "NAME", "NEEDS", "SUMMARY", "add_arguments",
-           "read", "read_rxrx1", "read_rxrx1_site"]
+           "read", "read_rxrx1"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ Otsu segmentation of the Hoechst channel (nuclei.detect_locations), as IMPA does
 
 Only 8-bit greyscale PNGs are accepted: that is what the release holds, and the builder's
 per-plate illumination statistics would silently mix scales if a 16-bit re-export slipped
-into a plate. A 16-bit or colour file is an error naming it (`read_rxrx1_site`).
+into a plate. A 16-bit or colour file is an error naming it.
 """
 
 import os
@@ -32,7 +32,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from data_builders.raw_screen import layout
 
@@ -56,31 +55,6 @@ CARRIED_COLUMNS = {
 def image_relpath(experiment: str, plate: str, well: str, site: int, channel_number: int) -> str:
     """Path of one channel image relative to rxrx1/images (rxrx-datasets/rxrx1/README.md)."""
     return f"{experiment}/Plate{plate}/{well}_s{site}_w{channel_number}.png"
-
-
-def read_rxrx1_site(screen: layout.RawScreen, site_row: int) -> np.ndarray:
-    """The six channel PNGs of one site as float32 (H, W, 6); each must be 8-bit greyscale."""
-    where = screen.site_label(site_row)
-    planes = []
-    for channel in screen.channels:
-        path = screen.image_path(site_row, channel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Missing image {path} ({where}).")
-        try:
-            with Image.open(path) as image:
-                mode = image.mode
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(
-                f"Cannot read image {path} ({where}): corrupt or truncated? {e}") from e
-        if mode != "L":
-            raise ValueError(
-                f"Image {path} ({where}) has PIL mode {mode!r}; RxRx1 images are 8-bit "
-                "greyscale PNGs (mode 'L'). Re-export it as 8-bit greyscale.")
-        planes.append(layout.read_image(path, where))
-    shapes = {c: p.shape for c, p in zip(screen.channels, planes)}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"Channels of {where} disagree in shape: {shapes}.")
-    return np.stack(planes, axis=-1).astype(np.float32)
 
 
 def read_metadata(path: str) -> pd.DataFrame:
@@ -180,17 +154,6 @@ def site_index(metadata: pd.DataFrame) -> pd.DataFrame:
     return index
 
 
-def check_images_exist(index: pd.DataFrame, images_dir: str, source: str) -> None:
-    """Every channel PNG of every selected metadata row exists (error naming the row)."""
-    for row in range(len(index)):
-        for channel in CHANNELS:
-            image = os.path.join(images_dir, index.at[row, channel])
-            if not os.path.isfile(image):
-                raise FileNotFoundError(
-                    f"{source} row for site {index.at[row, 'Metadata_SiteId']!r}: missing "
-                    f"image {image} (channel {channel}).")
-
-
 def read_rxrx1(
     raw_dir: str | os.PathLike,
     *,
@@ -222,10 +185,11 @@ def read_rxrx1(
     spec = {"name": "rxrx1", "channels": list(CHANNELS), "image_size": list(IMAGE_SIZE),
             "bit_depth": 8, "notes": {"selection": selection}}
     images_dir = os.path.join(raw_dir, "images")
-    index = site_index(metadata)
-    check_images_exist(index, images_dir, path)
-    arguments = dict(spec=spec, index=index, perturbations=perturbation_table(metadata, path),
-                     source=path, images_dir=images_dir, site_reader=read_rxrx1_site)
+    arguments = dict(spec=spec, index=site_index(metadata),
+                     perturbations=perturbation_table(metadata, path), source=path,
+                     images_dir=images_dir, image_modes=("L",),
+                     image_description="an 8-bit greyscale PNG (RxRx1; re-export the file as "
+                                       "8-bit greyscale)")
     screen = layout.make_screen(**arguments)
     locations = nuclei.detect_locations(
         screen, DNA_CHANNEL, workers=workers, progress=progress, sigma=nuclei_sigma,
