@@ -272,8 +272,15 @@ def _check_plate_shapes(screen, site_rows, expected_shape) -> None:
             f"{shape_b}.")
 
 
-def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_number):
-    """Per-channel illumination statistic of one plate from a seeded subsample of its sites."""
+def _channel_statistic(screen, site_rows, channel, method, sigma) -> np.ndarray:
+    images = np.stack([layout.read_channel(screen, s, channel) for s in site_rows])
+    return illumination_lib.plate_statistic(method, images, sigma)
+
+
+def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_number,
+                      pool=None):
+    """Per-channel illumination statistic of one plate from a seeded subsample of its sites
+    (one channel per worker when a pool is given)."""
     if method == "none" or screen.precropped:
         return [None] * len(screen.channels), 0
     site_rows = np.asarray(site_rows)
@@ -284,11 +291,11 @@ def _plate_statistics(screen, site_rows, method, sigma, max_sites, seed, plate_n
         sites = np.stack([layout.read_site(screen, s) for s in site_rows])
         return [illumination_lib.plate_statistic(method, sites[..., c], sigma)
                 for c in range(len(screen.channels))], len(site_rows)
-    statistics = []
-    for channel in screen.channels:
-        images = np.stack([layout.read_channel(screen, s, channel) for s in site_rows])
-        statistics.append(illumination_lib.plate_statistic(method, images, sigma))
-    return statistics, len(site_rows)
+    if pool is not None:
+        tasks = [(site_rows, channel, method, sigma) for channel in screen.channels]
+        return list(pool.map(_worker_statistic, tasks)), len(site_rows)
+    return [_channel_statistic(screen, site_rows, channel, method, sigma)
+            for channel in screen.channels], len(site_rows)
 
 
 def _read_crops(screen, paths, crop_size) -> np.ndarray:
@@ -353,6 +360,10 @@ def _worker_site(task) -> tuple:
             cache[statistics_path] = pickle.load(f)
     return _site_crops(_WORKER["screen"], site_row, centers, cache[statistics_path],
                        crop_paths=crop_paths, **_WORKER["options"])
+
+
+def _worker_statistic(task) -> np.ndarray:
+    return _channel_statistic(_WORKER["screen"], *task)
 
 
 def _ordered_map(pool, fn, tasks: Iterable, window: int) -> Iterator:
@@ -516,7 +527,7 @@ def build_raw_screen(
                 _check_plate_shapes(screen, plate_sites, expected_shape)
             statistics, n_used = _plate_statistics(
                 screen, plate_sites, illumination, illumination_sigma, illumination_max_sites,
-                seed, plate_number)
+                seed, plate_number, pool)
             illumination_sites[plate] = n_used
             # Cells are in site order, so a site's cells are one contiguous run.
             runs = [np.arange(*np.searchsorted(site_row, [s, s + 1])) for s in plate_sites]
