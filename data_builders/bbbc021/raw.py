@@ -28,6 +28,7 @@ selection are skipped and counted) or are detected on the DNA channel with
 raw_screen.nuclei (default).
 """
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -243,8 +244,8 @@ def read_bbbc021(
         locations = nuclei.detect_locations(
             screen, "DNA", workers=detect_workers, progress=progress, **(detect_options or {}))
         notes.append(f"nucleus centres detected on DNA ({len(locations)} nuclei)")
-    return layout.make_screen(spec, index, perturbations, source=image_path,
-                              images_dir=raw_dir, locations=locations, **images)
+    screen = layout.with_locations(screen, locations)
+    return dataclasses.replace(screen, spec={**screen.spec, "notes": notes})
 
 
 def _site_index(table: pd.DataFrame, path: str, raw_dir: str) -> pd.DataFrame:

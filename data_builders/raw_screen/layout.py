@@ -335,6 +335,14 @@ def make_screen(
     return screen
 
 
+def with_locations(screen: RawScreen, locations: pd.DataFrame) -> RawScreen:
+    """`screen` with its nucleus centres (make_screen's `locations`), e.g. once a detector has
+    found them on the screen's own images; the tables are not checked again."""
+    if "crop_path" in locations.columns:
+        raise ValueError("Pre-cut crops (crop_path) must be given to make_screen.")
+    return dataclasses.replace(screen, locations=check_locations(screen, locations))
+
+
 def check_locations(screen: RawScreen, locations: pd.DataFrame) -> pd.DataFrame:
     """In-memory cells -> columns site_row, x, y, perturbation (+ crop_path, split), ordered by
     site (stable); errors name the row and value."""

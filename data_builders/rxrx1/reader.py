@@ -185,13 +185,11 @@ def read_rxrx1(
     spec = {"name": "rxrx1", "channels": list(CHANNELS), "image_size": list(IMAGE_SIZE),
             "bit_depth": 8, "notes": {"selection": selection}}
     images_dir = os.path.join(raw_dir, "images")
-    arguments = dict(spec=spec, index=site_index(metadata),
-                     perturbations=perturbation_table(metadata, path), source=path,
-                     images_dir=images_dir, image_modes=("L",),
-                     image_description="an 8-bit greyscale PNG (RxRx1; re-export the file as "
-                                       "8-bit greyscale)")
-    screen = layout.make_screen(**arguments)
+    screen = layout.make_screen(
+        spec, site_index(metadata), perturbation_table(metadata, path), source=path,
+        images_dir=images_dir, image_modes=("L",),
+        image_description="an 8-bit greyscale PNG (RxRx1; re-export the file as 8-bit greyscale)")
     locations = nuclei.detect_locations(
         screen, DNA_CHANNEL, workers=workers, progress=progress, sigma=nuclei_sigma,
         min_distance=nuclei_min_distance, min_area=nuclei_min_area)
-    return layout.make_screen(**arguments, locations=locations)
+    return layout.with_locations(screen, locations)
