@@ -15,7 +15,7 @@ from scipy.special import erf
 from morphjax import parallel
 from morphjax.models.impa import count_params
 from morphjax.models.unet import (Attention, Downsample, ResBlock, SpatialTransformer, UNet,
-                                  timestep_embedding)
+                                  Upsample, timestep_embedding)
 
 TINY = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
             context_dim=12)
@@ -367,3 +367,177 @@ def test_bad_inputs_name_the_problem(tiny_abstract):
         model(x, t, context[..., :8])
     with pytest.raises(ValueError, match="num_heads"):
         UNet(model_channels=32, num_heads=3, rngs=nnx.Rngs(0))
+
+
+# -- 1-D U-Net (dims=1, LUMIC's sequence U-Net layout) -------------------------------------------
+
+def to_2d_state(module_1d, abstract_2d):
+    """2-D parameters equal to the 1-D ones: each kernel-3 conv in the centre row (kh = 1) with
+    zeros in the off-centre rows, 1x1 convs as they are, everything else copied."""
+    graphdef, state = nnx.split(abstract_2d)
+    source = nnx.to_pure_dict(nnx.state(module_1d))
+
+    def place(path, leaf):
+        value = source
+        for key in path:
+            value = value[getattr(key, "key", key)]
+        value = np.asarray(value)
+        if value.ndim == 3:  # 1-D conv kernel (k, in, out) -> (k, k, in, out)
+            k = value.shape[0]
+            kernel = np.zeros((k,) + value.shape, value.dtype)
+            kernel[k // 2] = value
+            value = kernel
+        assert value.shape == leaf.shape, (path, value.shape, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def inputs_1d(batch: int, seed: int = 0, length: int = 8, tokens: int = 5):
+    x, t, context = inputs(batch, seed, size=length, tokens=tokens)
+    return x[:, 0], t, context
+
+
+@pytest.fixture(scope="module")
+def micro_1d():
+    return random_filled(lambda: UNet(**MICRO, dims=1, rngs=nnx.Rngs(0)))
+
+
+def test_unet_1d_parameter_count():
+    """Closed form for C1 below (dims=1, every conv kernel has 3 taps or 1).
+
+    conv(i, o, k) = i*o*k + o, linear(i, o) = i*o + o, GroupNorm/LayerNorm(c) = 2c; emb = 4*32.
+    ResBlock(i, o) = gn(i) + conv(i, o, 3) + linear(128, 2o) + gn(o) + conv(o, o, 3)
+                     [+ conv(i, o, 1) skip when i != o].
+    Transformer(c) (2 heads x c/2, context 12) = gn(c) + 2 conv(c, c, 1) + 3 ln(c)
+        + self-attention 3c^2 + linear(c, c) + cross-attention c^2 + 2*12c + linear(c, c)
+        + GEGLU linear(c, 8c) + linear(4c, c).
+    Layout (channel_mult (1, 2), one ResBlock per level, attention at factor 2):
+      time 32 -> 128 -> 128;  in: conv(1, 32, 3), Res(32, 32), Res(32, 32) down,
+      Res(32, 64) + T(64);  middle: Res(64, 64), T(64), Res(64, 64);
+      out: Res(128, 64) + T(64), Res(96, 64) + T(64) + Res(64, 64) up, Res(96, 32),
+      Res(64, 32);  head: gn(32) + conv(32, 1, 3).
+    Res(32, 32) = 64 + 3,104 + 8,256 + 64 + 3,104 = 14,592; Res(32, 64) = 37,376;
+    Res(64, 64) = 41,472; T(64) = 128 + 8,320 + 384 + 12,288 + 4,160 + 4,096 + 1,536 + 4,160
+    + 33,280 + 16,448 = 84,800; Res(128, 64) = 62,144; Res(96, 64) = 53,888; Res(96, 32) = 23,968;
+    Res(64, 32) = 19,808.
+    Total = 20,736 + 128 + 2 * 14,592 + 37,376 + 3 * 41,472 + 4 * 84,800 + 62,144 + 53,888
+    + 23,968 + 19,808 + 64 + 97 = 711,009.
+    """
+    c1 = dict(in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),
+              num_res_blocks=1, attention_resolutions=(2,), num_heads=2, context_dim=12)
+
+    def conv(i, o, k):
+        return i * o * k + o
+
+    def linear(i, o):
+        return i * o + o
+
+    def res(i, o):
+        return (2 * i + conv(i, o, 3) + linear(128, 2 * o) + 2 * o + conv(o, o, 3)
+                + (conv(i, o, 1) if i != o else 0))
+
+    def transformer(c):
+        return (2 * c + 2 * conv(c, c, 1) + 3 * 2 * c + 3 * c * c + linear(c, c)
+                + c * c + 2 * 12 * c + linear(c, c) + linear(c, 8 * c) + linear(4 * c, c))
+
+    assert (res(32, 32), res(32, 64), res(64, 64), transformer(64)) == \
+        (14_592, 37_376, 41_472, 84_800)
+    expected = (linear(32, 128) + linear(128, 128) + conv(1, 32, 3) + 2 * res(32, 32)
+                + res(32, 64) + 3 * res(64, 64) + 4 * transformer(64) + res(128, 64)
+                + res(96, 64) + res(96, 32) + res(64, 32) + 2 * 32 + conv(32, 1, 3))
+    assert expected == 711_009
+    model_1d = nnx.eval_shape(lambda: UNet(**c1, dims=1, rngs=nnx.Rngs(0)))
+    assert count_params(model_1d) == expected
+    # The same config in 2-D differs only in the kernel-3 convs: 9 instead of 3 taps each.
+    model_2d = nnx.eval_shape(lambda: UNet(**c1, rngs=nnx.Rngs(0)))
+    taps3 = sum(int(np.prod(m.kernel.shape)) for _, m in nnx.iter_graph(model_1d)
+                if isinstance(m, nnx.Conv) and m.kernel.shape[0] == 3)
+    assert count_params(model_2d) - count_params(model_1d) == 2 * taps3
+    assert model_1d.input_blocks[0].layers[0].kernel.shape == (3, 1, 32)
+
+
+@pytest.mark.parametrize("kind", ["res", "res_down", "res_up", "downsample", "upsample",
+                                  "transformer"])
+def test_1d_blocks_equal_2d_blocks_on_constant_rows(kind):
+    """A 1-D block on x (B, L, C) equals the 2-D block on x repeated over 2 rows, with the 1-D
+    kernels in the centre row: the off-centre rows only meet zeros, the duplicated rows leave
+    group-norm statistics, pooling and attention weights unchanged."""
+    builders = {
+        "res": lambda d: ResBlock(32, 16, 64, dims=d, rngs=nnx.Rngs(0)),
+        "res_down": lambda d: ResBlock(32, 16, down=True, dims=d, rngs=nnx.Rngs(0)),
+        "res_up": lambda d: ResBlock(32, 16, use_scale_shift_norm=False, up=True, dims=d,
+                                     rngs=nnx.Rngs(0)),
+        "downsample": lambda d: Downsample(32, dims=d, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+        "upsample": lambda d: Upsample(32, dims=d, dtype=jnp.float32, rngs=nnx.Rngs(0)),
+        "transformer": lambda d: SpatialTransformer(32, 2, 16, 12, dims=d, dtype=jnp.float32,
+                                                    rngs=nnx.Rngs(0)),
+    }
+    block_1d = random_filled(lambda: builders[kind](1))
+    block_2d = to_2d_state(block_1d, nnx.eval_shape(lambda: builders[kind](2)))
+    x = jnp.asarray(np_randn(1, 2, 8, 32), jnp.float32)
+    x_rows = jnp.repeat(x[:, None], 2, axis=1)
+    extra = {"res": [jnp.asarray(np_randn(2, 2, 16), jnp.float32)],
+             "transformer": [jnp.asarray(np_randn(3, 2, 5, 12), jnp.float32)]}
+    args = extra.get(kind.split("_")[0], [])
+    call = nnx.jit(lambda block, x, *args: block(x, *args))
+    got = np.asarray(call(block_1d, x, *args))
+    rows = np.asarray(call(block_2d, x_rows, *args))
+    length = {"res_down": 4, "downsample": 4, "res_up": 16, "upsample": 16}.get(kind, 8)
+    assert got.shape[:2] == (2, length)
+    for row in range(rows.shape[1]):
+        np.testing.assert_allclose(rows[:, row], got, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_1d_equals_2d_unet_on_constant_rows(micro_1d):
+    """The whole MICRO network: 1-D on (B, L, C) equals 2-D on (B, 2, L, C) with equal rows."""
+    model_2d = to_2d_state(micro_1d, nnx.eval_shape(lambda: UNet(**MICRO, rngs=nnx.Rngs(0))))
+    x, t, context = inputs_1d(2)
+    got = np.asarray(apply(micro_1d, x, t, context))
+    assert got.shape == (2, 8, 4) and got.dtype == np.float32
+    assert np.abs(got).max() > 1e-2
+    rows = np.asarray(apply(model_2d, jnp.repeat(x[:, None], 2, axis=1), t, context))
+    for row in range(2):
+        np.testing.assert_allclose(rows[:, row], got, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_1d_zero_at_init_and_uses_time_and_context(micro_1d):
+    x, t, context = inputs_1d(2)
+    fresh = UNet(**MICRO, dims=1, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    assert np.all(np.asarray(apply(fresh, x, t, context)) == 0.0)  # zero-init output conv
+    # With the zero-init layers filled (micro_1d), time and context both reach the output.
+    base = np.asarray(apply(micro_1d, x, t, context))
+    other_t = np.asarray(apply(micro_1d, x, (t + 250) % 1000, context))
+    other_c = np.asarray(apply(micro_1d, x, t, context + 1.0))
+    assert np.abs(base - other_t).max() > 1e-3
+    assert np.abs(base - other_c).max() > 1e-3
+
+
+def test_unet_1d_without_context():
+    """context_dim=None: the cross-attention attends to the tokens (to_k reads the width)."""
+    model = nnx.eval_shape(lambda: UNet(**{**MICRO, "context_dim": None}, dims=1,
+                                        rngs=nnx.Rngs(0)))
+    x, t, context = inputs_1d(2, length=16)
+    out = nnx.eval_shape(lambda m, x, t: m(x, t), model, x, t)
+    assert out.shape == (2, 16, 4)
+    block = model.middle_block.layers[1].blocks[0]
+    assert block.cross_attention.to_k.kernel.shape == (32, 32)
+    with pytest.raises(ValueError, match="context=None"):
+        model(x, t, context)
+
+
+def test_unet_1d_bad_inputs_name_the_problem(micro_1d):
+    x, t, context = inputs_1d(2)
+    with pytest.raises(ValueError, match=r"dims=1.*\(B, L, C\)"):
+        micro_1d(x[:, :, None], t, context)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        micro_1d(x[:, :7], t, context)
+    with pytest.raises(ValueError, match="context must be"):
+        micro_1d(x, t)
+    model_2d = nnx.eval_shape(lambda: UNet(**MICRO, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"dims=2.*\(B, H, W, C\)"):
+        model_2d(x, t, context)
+    with pytest.raises(ValueError, match="dims must be 1"):
+        UNet(**MICRO, dims=3, rngs=nnx.Rngs(0))

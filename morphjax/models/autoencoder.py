@@ -213,11 +213,15 @@ class Decoder(nnx.Module):
         self.norm_out = _group_norm(block_in, dtype=dtype, rngs=rngs)
         self.conv_out = _conv(block_in, out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def hidden(self, z: jax.Array) -> jax.Array:
+        """The activation conv_out acts on (the adaptive GAN weight differentiates there)."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+        return jax.nn.silu(self.norm_out(h))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.conv_out(self.hidden(z))
 
 
 @jax.tree_util.register_dataclass

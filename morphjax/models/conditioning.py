@@ -61,3 +61,62 @@ class PerturbationConditioner(nnx.Module):
             s = encoder(rows, noise)
             style = s if style is None else jnp.where((modality == m)[:, None], s, style)
         return style
+
+
+EXPRESSION_MODES = ("frozen_random", "learned")
+
+
+class ExpressionContext(nnx.Module):
+    """L1000 expression vector (B, G) -> cross-attention context tokens (B, T, D).
+
+    MorphDiff (`ldm/modules/encoders/modules_new.py` `GeneEmbedder`, notes section 2): one
+    Linear(G, T * D) with bias, no nonlinearity, reshaped row-major to (B, T, D); the reference
+    uses G = 977 genes, T = 1024 tokens of D = 12 (12,017,664 parameters).
+
+    mode "frozen_random" is the reference (`cond_stage_trainable: False`): torch's default Linear
+    init, weight and bias ~ U(+-1/sqrt(G)), drawn from `seed` alone (not from the model's rngs)
+    and held in `FixedEmbedding` variables, so checkpoints keep it and optimizers never touch it.
+    mode "learned" is an nnx.Linear trained with the model (same init, from `rngs`).
+    """
+
+    def __init__(self, num_genes: int = 977, num_tokens: int = 1024, context_dim: int = 12, *,
+                 mode: str = "frozen_random", seed: int = 0, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        if mode not in EXPRESSION_MODES:
+            raise ValueError(f"ExpressionContext mode must be one of {EXPRESSION_MODES}, "
+                             f"got {mode!r}.")
+        if min(num_genes, num_tokens, context_dim) < 1:
+            raise ValueError(f"ExpressionContext needs positive num_genes, num_tokens and "
+                             f"context_dim, got {num_genes}, {num_tokens}, {context_dim}.")
+        self.num_genes, self.num_tokens, self.context_dim = num_genes, num_tokens, context_dim
+        self.mode, self.dtype = mode, dtype
+        features = num_tokens * context_dim
+        bound = 1 / np.sqrt(num_genes)
+        if mode == "learned":
+            if rngs is None:
+                raise ValueError("ExpressionContext(mode='learned') needs rngs.")
+            def init(key, shape, dtype=jnp.float32):
+                return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+            self.linear = nnx.Linear(num_genes, features, kernel_init=init, bias_init=init,
+                                     dtype=dtype, rngs=rngs,
+                                     kernel_metadata={"out_sharding": (None, None)},
+                                     bias_metadata={"out_sharding": (None,)})
+        else:
+            w_key, b_key = jax.random.split(jax.random.key(seed, impl="threefry2x32"))
+            self.kernel = FixedEmbedding(jax.random.uniform(
+                w_key, (num_genes, features), jnp.float32, -bound, bound))
+            self.bias = FixedEmbedding(jax.random.uniform(
+                b_key, (features,), jnp.float32, -bound, bound))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, num_genes) expression -> (B, num_tokens, context_dim) tokens."""
+        if x.ndim != 2 or x.shape[-1] != self.num_genes:
+            raise ValueError(f"ExpressionContext expects (B, {self.num_genes}) expression "
+                             f"vectors (num_genes={self.num_genes}), got {x.shape}.")
+        if self.mode == "learned":
+            out = self.linear(x)
+        else:
+            kernel = self.kernel[...].astype(self.dtype)
+            out = x.astype(self.dtype) @ kernel + self.bias[...].astype(self.dtype)
+        return out.reshape(x.shape[0], self.num_tokens, self.context_dim)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from morphjax import config as cfg
+from morphjax import diffusion
 from morphjax import parallel
 from morphjax.checkpoint import Checkpointer
 from morphjax.io import atomic_write_text
@@ -90,13 +91,17 @@ def setup(config: ml_collections.ConfigDict, task: Task | None = None,
 
 def compile_train_step(s: Setup) -> Callable:
     seed, ema_decay = s.config.seed, s.config.train.ema_decay
+    ema_warmup = s.config.train.get("ema_warmup", False)
 
     def step(state, batch):
         train_state = nnx.merge(s.graphdef, state)
         rng = jax.random.fold_in(jax.random.key(seed), train_state.step.get_value())
         metrics = s.task.train_step(train_state, batch, rng)
         if ema_decay > 0:
-            train_state.update_ema(ema_decay)
+            # LitEma warm-up (CompVis): min(decay, (1 + n) / (10 + n)) at update n = step + 1.
+            decay = (diffusion.ema_decay(train_state.step.get_value() + 1, ema_decay)
+                     if ema_warmup else ema_decay)
+            train_state.update_ema(decay)
         train_state.step.set_value(train_state.step.get_value() + 1)
         return nnx.state(train_state), metrics
 

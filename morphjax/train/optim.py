@@ -7,7 +7,11 @@ import optax
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """`constant`, `cosine` (to 0 at total_steps) or `warmup_cosine`; `warmup_steps` for the last."""
+    """`constant`, `cosine` (to 0 at total_steps), `warmup_cosine` or `warmup_constant`.
+
+    `warmup_constant` is CompVis `LambdaLinearScheduler` as MorphDiff's LDM uses it: a linear
+    ramp from 1e-6 x lr to lr over `warmup_steps`, then constant.
+    """
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.learning_rate)
     if cfg.schedule == "cosine":
@@ -15,8 +19,12 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     if cfg.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                   max(total_steps, cfg.warmup_steps + 1))
+    if cfg.schedule == "warmup_constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(1e-6 * cfg.learning_rate, cfg.learning_rate, cfg.warmup_steps),
+             optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
     raise ValueError(f"optimizer.schedule {cfg.schedule!r} is not one of constant, cosine, "
-                     "warmup_cosine")
+                     "warmup_cosine, warmup_constant")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

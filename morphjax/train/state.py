@@ -36,3 +36,11 @@ class TrainState(nnx.Module):
     def eval_model(self, name: str) -> nnx.Module:
         """The EMA copy when the run keeps one, else the trained model."""
         return self.ema.get(name, self.models[name])
+
+
+class FrozenParam(nnx.Variable):
+    """Weights a task uses but never trains (a frozen autoencoder or feature network).
+
+    Optimizers and gradients are taken w.r.t. `nnx.Param`, so these are left alone; checkpoints
+    save them with the rest of the state.
+    """

@@ -16,6 +16,8 @@ TASKS = {
     "classifier": "morphjax.train.classifier:ClassifierTask",
     "impa": "morphjax.train.impa:ImpaTask",  # IMPA and GRAPE
     "cpcnn": "morphjax.train.cpcnn:CpcnnTask",  # Cell Painting CNN
+    "morphdiff_autoencoder": "morphjax.train.morphdiff:MorphDiffAutoencoderTask",  # stage 1
+    "morphdiff_ldm": "morphjax.train.morphdiff:MorphDiffLdmTask",  # stage 2
 }
 
 
