@@ -211,11 +211,14 @@ def _parse_args(argv):
                       help="with --sweep: annotation column for biological matching")
 
     sample = verbs.add_parser(
-        "sample", help="IMPA/GRAPE: transform control cells into a perturbation; PNG grid + arrays",
+        "sample", help="IMPA/GRAPE/MorphDiff: cells under a perturbation; PNG grid + arrays",
         description="Writes OUT/<perturbation>.png (rows: control | generated | real treated) and "
                     "OUT/<perturbation>.npz (uint8 arrays). Unseen perturbations are predicted "
-                    "from their embeddings.")
-    sample.add_argument("--workdir", required=True, help="a trained IMPA/GRAPE run")
+                    "from their embeddings (IMPA/GRAPE) or expression vectors (MorphDiff). "
+                    "MorphDiff runs: --mode g2i generates from noise (DDIM), --mode i2i edits "
+                    "control cells (SDEdit at --strength); files are named <perturbation>_<mode> "
+                    "and include an RGB composite (<name>_rgb.png, morphdiff.txt weights).")
+    sample.add_argument("--workdir", required=True, help="a trained IMPA/GRAPE/MorphDiff run")
     sample.add_argument("--perturbation", required=True,
                         help="perturbation name (batch-correction runs: batch name or id)")
     sample.add_argument("--n", type=int, default=16, help="cells to transform")
@@ -223,7 +226,13 @@ def _parse_args(argv):
                         help="start from test-split control cells (default) or from any test cell")
     sample.add_argument("--interpolate-to", metavar="PERTURBATION",
                         help="also write a style-space interpolation towards this perturbation")
-    sample.add_argument("--steps", type=int, default=8, help="interpolation steps")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="IMPA: interpolation steps (default 8); MorphDiff: DDIM steps "
+                             "(default the config's: 100 for g2i, 50 for i2i)")
+    sample.add_argument("--mode", choices=("g2i", "i2i"), default="g2i",
+                        help="MorphDiff: gene-to-image from noise, or image-to-image from controls")
+    sample.add_argument("--strength", type=float, default=None,
+                        help="MorphDiff i2i: SDEdit strength in [0, 1] (default 0.55)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output directory (default WORKDIR/samples_cli)")
 
@@ -314,10 +323,12 @@ def _parse_args(argv):
     _add_timing_args(bench_cpcnn)
 
     convert = verbs.add_parser("convert-weights", help="convert public pretrained weights")
-    convert.add_argument("model", choices=("inception",),
-                         help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    convert.add_argument("model", choices=("inception", "lpips_vgg16"),
+                         help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth; "
+                              "lpips_vgg16: torchvision's vgg16-397923af.pth (+ --lin vgg.pth)")
     convert.add_argument("input", help="the downloaded weights file")
     convert.add_argument("output", help="converted .npz (reads without torch)")
+    convert.add_argument("--lin", help="lpips_vgg16: LPIPS's lin-head file vgg.pth")
 
     sweep = verbs.add_parser(
         "sweep", help="run every point of a config's get_sweep(), one run directory each",
@@ -529,10 +540,17 @@ def _profile(args) -> int:
 def _sample(args) -> int:
     from morphjax import predict
     from morphjax.runs import load_run
-    paths = predict.sample(load_run(args.workdir), args.perturbation,
-                           args.out or os.path.join(args.workdir, "samples_cli"), n=args.n,
-                           from_controls=args.from_controls, interpolate_to=args.interpolate_to,
-                           steps=args.steps, seed=args.seed)
+    run = load_run(args.workdir)
+    out = args.out or os.path.join(args.workdir, "samples_cli")
+    if run.config.task == "morphdiff_ldm":
+        from morphjax import morphdiff_sample
+        paths = morphdiff_sample.sample(run, args.perturbation, out, mode=args.mode, n=args.n,
+                                        strength=args.strength, steps=args.steps, seed=args.seed)
+    else:
+        paths = predict.sample(run, args.perturbation, out, n=args.n,
+                               from_controls=args.from_controls,
+                               interpolate_to=args.interpolate_to, steps=args.steps or 8,
+                               seed=args.seed)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -599,8 +617,15 @@ def _bench(args) -> int:
 
 
 def _convert_weights(args) -> int:
-    from morphjax.features import convert_inception
-    print(f"written: {convert_inception(args.input, args.output)}")
+    from morphjax.features import convert
+    if args.model == "lpips_vgg16":
+        if not args.lin:
+            print("morphjax convert-weights lpips_vgg16: --lin vgg.pth (LPIPS's heads) is "
+                  "required", file=sys.stderr)
+            return 2
+        print(f"written: {convert.convert_lpips_vgg16(args.input, args.lin, args.output)}")
+        return 0
+    print(f"written: {convert.convert_inception(args.input, args.output)}")
     return 0
 
 

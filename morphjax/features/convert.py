@@ -6,6 +6,10 @@ Mapping: conv weight OIHW -> HWIO kernel; BatchNorm weight/bias/running_mean/run
 scale/bias/mean/var (eps 0.001 lives in the module); fc weight (out, in) -> kernel (in, out).
 `num_batches_tracked` is training bookkeeping and is dropped. Reading `.pth` needs torch (an
 optional dependency used only here); the converted `.npz` loads without torch.
+
+`convert_lpips_vgg16` does the same for LPIPS (morphjax.models.perceptual): torchvision's
+`vgg16-397923af.pth` (`features.{0,2,5,...,28}.{weight,bias}`; `classifier.*` ignored) plus LPIPS's
+`vgg.pth` heads (`lin{0..4}.model.1.weight`, (1, C, 1, 1)) -> one `.npz`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from flax import nnx
 
 from morphjax import io as morphjax_io
 from morphjax.features import inception
+from morphjax.models import perceptual
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -99,13 +104,14 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.pth` state dict as NumPy arrays; torch is imported only here."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights file {path!r} does not exist")
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
     try:
         import torch
     except ImportError:
         raise ImportError(
             f"reading {path!r} needs torch (`pip install torch`); convert it once on a machine "
-            "with torch: `morphjax convert-weights inception IN.pth OUT.npz`") from None
+            "with torch: `morphjax convert-weights {inception,lpips_vgg16} IN.pth OUT.npz`"
+        ) from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
@@ -158,3 +164,56 @@ def load_inception(path: str | os.PathLike, **kwargs) -> inception.InceptionV3FI
     if path.endswith(".npz"):
         return load_converted_inception(path, **kwargs)
     return inception_from_arrays(convert_state_dict(read_torch_state_dict(path)), **kwargs)
+
+
+# -- LPIPS VGG16 ----------------------------------------------------------------------------------
+
+def convert_lpips_state_dicts(vgg16: dict[str, np.ndarray],
+                              lin: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """torchvision VGG16 + LPIPS lin state dicts -> the arrays `perceptual.lpips_from_arrays` reads.
+
+    Every key of both dicts is checked (the VGG16 `classifier.*` head is dropped); conv weights
+    go OIHW -> HWIO, lin weights (1, C, 1, 1) -> (C,).
+    """
+    expected = perceptual.lpips_vgg16_keys()
+    sources = {}  # torch key -> (npz key, torch shape)
+    for i, torch_index in enumerate(perceptual.VGG16_TORCH_INDEX):
+        h, w, c_in, c_out = expected[f"net/kernels/{i}"]
+        sources[f"features.{torch_index}.weight"] = (f"net/kernels/{i}", (c_out, c_in, h, w))
+        sources[f"features.{torch_index}.bias"] = (f"net/biases/{i}", (c_out,))
+    lin_sources = {f"lin{i}.model.1.weight": (f"lins/{i}", (1, c, 1, 1))
+                   for i, c in enumerate(perceptual.lpips_lin_widths())}
+    converted = {}
+    for name, state, table in (("VGG16", vgg16, sources), ("LPIPS lin", lin, lin_sources)):
+        for key, value in state.items():
+            if name == "VGG16" and key.startswith("classifier."):
+                continue
+            if key not in table:
+                raise ValueError(f"unexpected key {key!r} in the {name} state dict")
+            out_key, shape = table[key]
+            value = np.asarray(value, np.float32)
+            if value.shape != shape:
+                raise ValueError(f"{name} {key!r} has shape {value.shape}, expected {shape}")
+            if value.ndim == 4 and out_key.startswith("net/"):
+                value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+            converted[out_key] = value.reshape(expected[out_key])
+        missing = [k for k in table if table[k][0] not in converted]
+        if missing:
+            raise ValueError(f"the {name} state dict lacks {len(missing)} keys, e.g. {missing[:3]}")
+    return converted
+
+
+def convert_lpips_vgg16(vgg16_pth: str | os.PathLike, lin_pth: str | os.PathLike,
+                        out_npz: str | os.PathLike) -> str:
+    """`morphjax convert-weights lpips_vgg16 VGG16_PTH OUT --lin LIN_PTH`: writes one `.npz`."""
+    arrays = convert_lpips_state_dicts(read_torch_state_dict(vgg16_pth),
+                                       read_torch_state_dict(lin_pth))
+    perceptual.lpips_from_arrays(arrays)  # Same checks as at load time.
+    arrays[FORMAT_KEY] = np.array(perceptual.LPIPS_VGG16_FORMAT)
+    out_path = os.fspath(out_npz)
+    if not out_path.endswith(".npz"):
+        out_path += ".npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    morphjax_io.atomic_write_bytes(out_path, buffer.getvalue())
+    return out_path

@@ -215,11 +215,12 @@ class MorphDiffAutoencoderTask:
         self.config = config
         self.spec = load_expression_screen(config, need_expression=False) if spec is None else spec
         self.channels = len(self.spec.channels)
-        self.perceptual_label = "none (L1 + KL + GAN)"
-        if config.loss.perceptual != "none":
-            from morphjax.models import perceptual  # noqa: PLC0415
+        from morphjax.models.perceptual import load_perceptual  # noqa: PLC0415
 
-            self.perceptual_label = perceptual.describe(config.loss.perceptual)
+        # Loaded once on the host; `build` makes a same-shaped slot in the train state and
+        # `load_pretrained` fills it, so the weights are state, not compiled-in constants.
+        self.perceptual, self.perceptual_label = load_perceptual(
+            config.loss.perceptual, self.channels, dtype=jnp.dtype(config.compute_dtype))
         print(f"autoencoder perceptual term: {self.perceptual_label}")
 
     # -- data ------------------------------------------------------------------------------------
@@ -260,26 +261,22 @@ class MorphDiffAutoencoderTask:
         tx = make_optimizer(c.optimizer, c.train.total_steps)
         optimizers = {name: nnx.Optimizer(m, tx, wrt=nnx.Param) for name, m in models.items()}
         frozen = {}
-        if c.loss.perceptual != "none":
-            from morphjax.models import perceptual  # noqa: PLC0415
-
-            frozen["perceptual"] = perceptual.build(c.loss.perceptual, self.channels, rngs=rngs)
+        if self.perceptual is not None:
+            graphdef, weights = nnx.split(self.perceptual)
+            frozen["perceptual"] = nnx.merge(
+                graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), weights))
         return MorphDiffState(models, optimizers, frozen=frozen)
 
     def load_pretrained(self, state: MorphDiffState) -> nnx.State:
-        """Loads the perceptual network's weights (VGG16 file or Cell Painting CNN run)."""
-        from morphjax.models import perceptual  # noqa: PLC0415
-
-        if "perceptual" in state.frozen:
-            perceptual.load_weights(state.frozen["perceptual"], self.config.loss.perceptual)
+        """The perceptual network's weights (converted VGG16 LPIPS or a Cell Painting CNN run)."""
+        if self.perceptual is not None:
+            nnx.update(state.frozen["perceptual"], nnx.state(self.perceptual))
         return nnx.state(state)
 
     def _perceptual(self, state: MorphDiffState, x: jax.Array, xrec: jax.Array) -> jax.Array:
         if "perceptual" not in state.frozen:
             return jnp.zeros((x.shape[0],), jnp.float32)
-        from morphjax.models import perceptual  # noqa: PLC0415
-
-        return perceptual.distance(state.frozen["perceptual"], x, xrec)
+        return state.frozen["perceptual"](x, xrec)
 
     # -- steps -----------------------------------------------------------------------------------
     def train_step(self, state: MorphDiffState, batch: Any, rng: jax.Array) -> dict[str, jax.Array]:
