@@ -74,8 +74,8 @@ PRESETS = {
                                         log_every=50, eval_every=300, sample_every=300,
                                         checkpoint_every=500)),
             ldm=dict(optimizer=dict(learning_rate=3e-4),
-                     train=dict(total_steps=3000, batch_size=32, log_every=50,
-                                eval_every=1500, sample_every=1500, checkpoint_every=500,
+                     train=dict(total_steps=1500, batch_size=32, log_every=50,
+                                eval_every=750, sample_every=750, checkpoint_every=250,
                                 ema_decay=0.999))),
     ),
     "jump_orf": dict(

@@ -1,0 +1,460 @@
+"""Evaluation of MorphDiff runs (morphdiff.txt, Fig. 3/4 and "Evaluation setup").
+
+For every treated perturbation with real test cells (seen and unseen / OOD), `evaluate_run`
+compares against `n` real test cells of that perturbation:
+
+* `g2i`: `n` cells generated from the perturbation's expression vector (DDIM from noise);
+* `i2i`: `n` random test-split control cells transformed under that vector (SDEdit);
+* `impa` (optional): the same control cells transferred by an IMPA run on the same dataset;
+* `controls`: the same control cells untransformed (the "predict no change" baseline).
+
+Per feature space (classical always; `cpcnn` with a Cell Painting CNN run; `inception` when
+its weights exist) on standardised, PCA-projected features (`impa_eval.Projection`): FID, KID,
+RBF MMD (CMMD-style, one bandwidth per space: the median pairwise distance of the reference
+cells), density and coverage (k = `eval.knn`). In the standardised space: `shift_cosine`, the
+cosine between (mean generated - mean control) and (mean real - mean control), and the fraction
+of the 10 features the perturbation moves most whose sign the generation gets right.
+
+Summaries over {all, seen, unseen} x {all, strong}: strong = controls-vs-real FID at or above
+the `eval.strong_quantile` of its group. Retrieval (Fig. 4e/f): per-perturbation mean classical
+profiles, z-scored on the control cells, of generated cells as queries against the real profiles
+of the other perturbations (cosine similarity of means; the paper uses a Wasserstein distance
+between DeepProfiler embeddings). A hit shares the label: `moa` when annotated, else `complex`
+(genetic perturbations), else the first `target_gene` (compounds) -- the synthetic screens
+annotate few MoAs. Top-k accuracy (a hit among the k nearest), interpolated mAP and folds of
+enrichment at the top 10% (metrics/retrieval.py), for real-as-query and the random expectation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from morphjax import impa_eval, metrics
+from morphjax import morphdiff_sample as mds
+from morphjax.io import atomic_write_json
+from morphjax.runs import Run, load_run
+
+SPACES = ("classical", "cpcnn", "inception")
+GROUPS = ("all", "seen", "unseen")
+TOP_FEATURES = 10
+RETRIEVAL_KS = (1, 5)
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+
+def shift_cosine(generated: np.ndarray, real: np.ndarray, control: np.ndarray) -> float:
+    """cos(mean(generated) - mean(control), mean(real) - mean(control)) of (N, F) features."""
+    pred = generated.mean(0) - control.mean(0)
+    true = real.mean(0) - control.mean(0)
+    return float(pred @ true / (np.linalg.norm(pred) * np.linalg.norm(true) + 1e-12))
+
+
+def sign_agreement(generated: np.ndarray, real: np.ndarray, control: np.ndarray,
+                   top: int = TOP_FEATURES) -> float:
+    """Of the `top` features with the largest |mean(real) - mean(control)|, the fraction whose
+    generated shift has the same sign."""
+    pred = generated.mean(0) - control.mean(0)
+    true = real.mean(0) - control.mean(0)
+    order = np.argsort(-np.abs(true), kind="stable")[:top]
+    return float(np.mean(np.sign(pred[order]) == np.sign(true[order])))
+
+
+def retrieval_labels(perturbations: pd.DataFrame) -> np.ndarray:
+    """One retrieval label per perturbation: `moa`, else `complex`, else the first `target_gene`
+    ('' when none). A `|`-separated moa keeps all its MoAs (a hit shares any, as the paper)."""
+    out = []
+    for _, row in perturbations.iterrows():
+        moa = str(row.get("moa", "") or "").strip()
+        complex_ = str(row.get("complex", "") or "").strip()
+        targets = [t for t in str(row.get("target_gene", "") or "").split("|") if t.strip()]
+        out.append(moa or complex_ or (targets[0].strip() if targets else ""))
+    return np.array(out, dtype=object)
+
+
+def _hits(labels: Sequence[str]) -> np.ndarray:
+    """(N, N) bool: i and j share a `|`-separated label token (diagonal included)."""
+    tokens = [set(t for t in str(lab).split("|") if t) for lab in labels]
+    return np.array([[bool(a & b) for b in tokens] for a in tokens])
+
+
+def cosine_matrix(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
+    q = queries / (np.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
+    r = references / (np.linalg.norm(references, axis=1, keepdims=True) + 1e-12)
+    return q @ r.T
+
+
+def topk_accuracy(similarity: np.ndarray, hits: np.ndarray, k: int) -> float:
+    """Fraction of queries (rows with a hit off the diagonal) with a hit among the k most
+    similar other references (self excluded; ties broken by lower index)."""
+    n = len(similarity)
+    off = ~np.eye(n, dtype=bool)
+    queries = (hits & off).any(1)
+    correct = []
+    for i in np.flatnonzero(queries):
+        others = np.flatnonzero(off[i])
+        order = others[np.argsort(-similarity[i, others], kind="stable")[:k]]
+        correct.append(hits[i, order].any())
+    return float(np.mean(correct))
+
+
+def random_topk_accuracy(hits: np.ndarray, k: int) -> float:
+    """Expected top-k accuracy of a random ranking: 1 - C(N-1-m, k) / C(N-1, k) per query."""
+    from math import comb  # noqa: PLC0415
+
+    n = len(hits)
+    m = (hits & ~np.eye(n, dtype=bool)).sum(1)
+    m = m[m > 0]
+    return float(np.mean([1.0 - comb(n - 1 - mi, k) / comb(n - 1, k) for mi in m]))
+
+
+def retrieval_scores(queries: np.ndarray, references: np.ndarray, labels: Sequence[str], *,
+                     ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
+    """Query profile i ranks the reference profiles j != i (row i of both = perturbation i)."""
+    similarity = cosine_matrix(queries, references)
+    hits = _hits(labels)
+    out = {f"top{k}": topk_accuracy(similarity, hits, k) for k in ks}
+    out["map"] = metrics.interpolated_map(similarity, list(labels))
+    out["folds_of_enrichment_top10"] = metrics.folds_of_enrichment(similarity, list(labels),
+                                                                   top=0.1)
+    out["queries"] = int((hits & ~np.eye(len(hits), dtype=bool)).any(1).sum())
+    return out
+
+
+def random_retrieval(labels: Sequence[str], *, ks: Sequence[int] = RETRIEVAL_KS,
+                     draws: int = 20, seed: int = 0) -> dict[str, float]:
+    """Random expectation: exact for top-k, mean over `draws` random similarities for mAP."""
+    hits = _hits(labels)
+    rng = np.random.default_rng(seed)
+    out = {f"top{k}": random_topk_accuracy(hits, k) for k in ks}
+    out["map"] = float(np.mean([metrics.interpolated_map(rng.random((len(hits), len(hits))),
+                                                         list(labels)) for _ in range(draws)]))
+    return out
+
+
+def summarize(per: dict, seen: set, strong_quantile: float) -> dict:
+    """Means over {all, seen, unseen} x {all, strong} of every metric of `per`.
+
+    `per[p]["metrics"][kind][metric]` and `per[p][key][kind]` for key in (shift_cosine,
+    sign_agreement); strong: `per[p]["metrics"]["controls"]["fid"]` at or above the
+    `strong_quantile` of the group.
+    """
+    out = {}
+    for group in GROUPS:
+        members = [p for p in per if group == "all" or (p in seen) == (group == "seen")]
+        if not members:
+            continue
+        fid = np.array([per[p]["metrics"]["controls"]["fid"] for p in members])
+        cut = np.quantile(fid, strong_quantile)
+        for subset, chosen in (("all", members),
+                               ("strong", [p for p, f in zip(members, fid) if f >= cut])):
+            entry = {"n_perturbations": len(chosen), "perturbations": [int(p) for p in chosen]}
+            kinds = per[chosen[0]]["metrics"]
+            for kind in kinds:
+                have = [p for p in chosen if kind in per[p]["metrics"]]
+                names = per[have[0]]["metrics"][kind]
+                entry[kind] = {m: float(np.mean([per[p]["metrics"][kind][m] for p in have
+                                                 if m in per[p]["metrics"][kind]]))
+                               for m in names}
+                for key in ("shift_cosine", "sign_agreement"):
+                    if kind in per[have[0]].get(key, {}):
+                        entry[kind][key] = float(np.mean([per[p][key][kind] for p in have]))
+            out[f"{group}/{subset}"] = entry
+    return out
+
+
+# -- feature spaces ------------------------------------------------------------------------------
+
+def cpcnn_extractor(cpcnn_run: str, channels: Sequence[str]):
+    """A trained Cell Painting CNN's pooled features of [-1, 1] images in `channels` order,
+    prepared as its training crops (its channels by name, resized, min-max per channel)."""
+    import jax  # noqa: PLC0415
+
+    from morphjax.embed import cnn_feature_fn  # noqa: PLC0415
+    from morphjax.features import get_extractor  # noqa: PLC0415
+    from morphjax.train.cpcnn import MODEL  # noqa: PLC0415
+
+    run = load_run(cpcnn_run)
+    if run.config.task != "cpcnn":
+        raise ValueError(f"cpcnn_run {cpcnn_run} is a {run.config.task!r} run, not a Cell "
+                         "Painting CNN (configs/cpcnn.py)")
+    wanted = tuple(run.task.cellset.channel_names)
+    missing = [c for c in wanted if c not in channels]
+    if missing:
+        raise ValueError(f"cpcnn_run {cpcnn_run} needs channels {missing} that the generated "
+                         f"cells ({tuple(channels)}) lack")
+    index = np.array([list(channels).index(c) for c in wanted])
+    size, layer = run.config.data.image_size, run.config.model.feature_layer
+    fn, params = cnn_feature_fn(run.state.models[MODEL].backbone, layer)
+
+    def apply(images):
+        x = (images[..., index] + 1.0) / 2.0
+        if x.shape[1] != size:
+            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "linear")
+        low = x.min(axis=(1, 2), keepdims=True)
+        high = x.max(axis=(1, 2), keepdims=True)
+        return fn(params, (x - low) / (high - low + 1e-7))
+
+    return get_extractor("model", apply=apply, label=f"cpcnn/{layer} ({cpcnn_run})")
+
+
+def _extractors(run: Run, spaces, cpcnn_run, inception_weights) -> tuple[dict, dict]:
+    spaces = list(dict.fromkeys(["classical", *spaces]))
+    if cpcnn_run and "cpcnn" not in spaces:
+        spaces.append("cpcnn")
+    if inception_weights and "inception" not in spaces:
+        spaces.append("inception")
+    unknown = [s for s in spaces if s not in SPACES]
+    if unknown:
+        raise ValueError(f"spaces {unknown} are not among {SPACES}")
+    out, skipped = {}, {}
+    for space in spaces:
+        if space == "classical":
+            out.update(impa_eval.feature_extractors(run, ["classical"]))
+        elif space == "cpcnn":
+            if not cpcnn_run:
+                raise ValueError("spaces has 'cpcnn' but no cpcnn_run (a Cell Painting CNN "
+                                 "workdir) was given")
+            out[space] = cpcnn_extractor(cpcnn_run, run.task.spec.channels)
+        else:
+            try:
+                out.update(impa_eval.feature_extractors(run, ["inception"], inception_weights))
+            except FileNotFoundError as error:
+                skipped[space] = str(error).split(".")[0]
+    return out, skipped
+
+
+def _median_distance(x: np.ndarray, n: int = 1000, seed: int = 0) -> float:
+    x = x[np.random.default_rng(seed).permutation(len(x))[:n]]
+    d = np.sqrt(np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0))
+    return float(np.median(d[np.triu_indices(len(x), 1)]))
+
+
+def pair_metrics(real: np.ndarray, fake: np.ndarray, k: int, sigma: float,
+                 seed: int) -> dict[str, float]:
+    """FID / KID / coverage (impa_eval.distribution_metrics), RBF MMD^2 and density."""
+    out = impa_eval.distribution_metrics(real, fake, k, seed)
+    out["mmd"] = float(metrics.mmd_rbf(real, fake, sigma))
+    if min(len(real), len(fake)) > k + 1:
+        out["density"] = float(metrics.prdc(real, fake, k=k)["density"])
+    return out
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+def _impa_cells(impa_workdir: str, run: Run, names: list[str], owner: np.ndarray,
+                controls: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """IMPA transfers of `controls` (row i to perturbation names[owner[i]]) where IMPA knows the
+    perturbation; returns (images, known mask over rows)."""
+    impa = load_run(impa_workdir)
+    ispec = impa.task.spec
+    if tuple(ispec.channels) != tuple(run.task.spec.channels) or (
+            impa.config.data.image_size != run.config.data.image_size):
+        raise ValueError(f"impa_workdir {impa_workdir} sees {tuple(ispec.channels)} at "
+                         f"{impa.config.data.image_size} px; the MorphDiff run "
+                         f"{tuple(run.task.spec.channels)} at {run.config.data.image_size} px")
+    table = ispec.perturbations["perturbation"].astype(str).tolist()
+    usable = set(np.concatenate([ispec.seen, ispec.unseen]).tolist())
+    ids = np.array([table.index(names[p]) if names[p] in table and table.index(names[p]) in
+                    usable else -1 for p in owner])
+    known = ids >= 0
+    out = np.full_like(controls, np.nan)
+    if known.any():
+        out[known] = impa_eval.generate(impa, controls[known], ids[known], seed=seed)
+    return out, known
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+
+def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classical",),
+                 cpcnn_run: str | None = None, inception_weights: str | None = None,
+                 samples_per_perturbation: int | None = None,
+                 modes: Sequence[str] = ("g2i", "i2i"), seed: int = 0,
+                 impa_workdir: str | None = None, pca_dims: int = 32,
+                 max_seen: int | None = None) -> dict:
+    """Evaluates a MorphDiff diffusion run on its test split; writes metrics.json, results.csv.
+
+    Every unseen perturbation is evaluated; `max_seen` caps the seen ones (a random subset drawn
+    with `seed`), since G2I/I2I sampling is the cost of an evaluation on a CPU.
+    """
+    bad = [m for m in modes if m not in mds.MODES]
+    if bad or not modes:
+        raise ValueError(f"modes {list(modes)} must be a non-empty subset of {mds.MODES}")
+    run = load_run(workdir)
+    mds.check_run(run)
+    c, spec = run.config, run.task.spec
+    n_max = int(samples_per_perturbation or c.eval.samples_per_perturbation)
+    names = spec.perturbations["perturbation"].astype(str).tolist()
+    test = spec.split_rows(c.data.eval_split)
+    counts = np.bincount(test["perturbation_id"], minlength=len(names))
+    targets = [int(p) for p in np.concatenate([spec.seen, spec.unseen]) if counts[p] >= 2]
+    if not targets:
+        raise ValueError(f"no treated perturbation has >= 2 cells in split {c.data.eval_split!r}")
+    seen = set(int(p) for p in spec.seen)
+    rng = np.random.default_rng(seed)
+    if max_seen is not None:
+        seen_targets = [p for p in targets if p in seen]
+        keep = set(rng.choice(seen_targets, min(max_seen, len(seen_targets)), replace=False)
+                   .tolist()) if seen_targets else set()
+        targets = [p for p in targets if p not in seen or p in keep]
+
+    # Real cells (test split), control cells, generated cells: one flat array each.
+    real, owner = [], []
+    for p in targets:
+        pool = test.loc[test["perturbation_id"] == p, "split_index"].to_numpy()
+        pick = rng.choice(pool, min(n_max, pool.size), replace=False)
+        real.append(mds.read_cells(run, c.data.eval_split, pick))
+        owner.append(np.full(len(pick), p))
+    owner = np.concatenate(owner)
+    images = {"real": np.concatenate(real)}
+    del real
+    images["controls"] = mds.control_cells(run, len(owner), seed)
+    expression = spec.expression[owner]
+    if "g2i" in modes:
+        print(f"G2I: {len(owner)} cells for {len(targets)} perturbations")
+        images["g2i"] = mds.generate_g2i(run, expression, seed=seed)
+    if "i2i" in modes:
+        print(f"I2I: {len(owner)} cells for {len(targets)} perturbations")
+        images["i2i"] = mds.generate_i2i(run, images["controls"], expression, seed=seed + 1)
+    impa_known = None
+    if impa_workdir:
+        images["impa"], impa_known = _impa_cells(impa_workdir, run, names, owner,
+                                                 images["controls"], seed)
+    kinds = [k for k in ("g2i", "i2i", "impa", "controls") if k in images]
+
+    extractors, skipped = _extractors(run, spaces, cpcnn_run, inception_weights)
+    labels = retrieval_labels(spec.perturbations)
+    result = {"perturbations": {p: {"name": names[p], "seen": p in seen,
+                                    "label": str(labels[p]), "real_cells": int((owner == p).sum())}
+                                for p in targets},
+              "kinds": kinds, "skipped_spaces": skipped, "feature_spaces": {}}
+    rows = []
+    for space, extractor in extractors.items():
+        print(f"features: {space} ({extractor.label})")
+        feats = {}
+        for kind, x in images.items():
+            rows_ok = impa_known if kind == "impa" else np.ones(len(owner), bool)
+            f = impa_eval.extract(extractor, x[rows_ok])
+            full = np.full((len(owner), f.shape[1]), np.nan)
+            full[rows_ok] = f
+            feats[kind] = full
+        projection = impa_eval.Projection(np.concatenate([feats["real"], feats["controls"]]),
+                                          pca_dims)
+        proj = {k: projection(v) for k, v in feats.items()}
+        std = {k: projection.standardized(v) for k, v in feats.items()}
+        sigma = _median_distance(np.concatenate([proj["real"], proj["controls"]]), seed=seed)
+        per = {}
+        for p in targets:
+            m = owner == p
+            entry = {"metrics": {}, "shift_cosine": {}, "sign_agreement": {}}
+            for kind in kinds:
+                mk = m & np.isfinite(proj[kind]).all(1)
+                if mk.sum() < 2:
+                    continue
+                entry["metrics"][kind] = pair_metrics(proj["real"][m], proj[kind][mk],
+                                                      c.eval.knn, sigma, seed)
+                if kind != "controls":
+                    entry["shift_cosine"][kind] = shift_cosine(std[kind][mk], std["real"][m],
+                                                               std["controls"])
+                    entry["sign_agreement"][kind] = sign_agreement(
+                        std[kind][mk], std["real"][m], std["controls"])
+                rows.append({"space": space, "perturbation": names[p], "seen": p in seen,
+                             "kind": kind, **entry["metrics"][kind],
+                             "shift_cosine": entry["shift_cosine"].get(kind),
+                             "sign_agreement": entry["sign_agreement"].get(kind)})
+            per[p] = entry
+        space_result = {"label": extractor.label, "mmd_sigma": sigma, "per_perturbation": per,
+                        "summary": summarize(per, seen, c.eval.strong_quantile)}
+        if space == "classical":
+            result["retrieval"] = _retrieval(feats, owner, targets, labels, kinds, projection,
+                                             seed)
+        result["feature_spaces"][space] = space_result
+
+    result["run"] = {"workdir": run.workdir, "step": run.step, "preset": c.get("preset"),
+                     "dataset": c.data.path, "samples_per_perturbation": n_max,
+                     "modes": list(modes), "impa_workdir": impa_workdir,
+                     "cpcnn_run": cpcnn_run}
+    os.makedirs(out_dir, exist_ok=True)
+    pd.DataFrame(rows).to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), _jsonable(result))
+    return result
+
+
+def _retrieval(feats, owner, targets, labels, kinds, projection, seed) -> dict:
+    """Mean profiles z-scored on the control cells; generated (or real) queries, real refs."""
+    keep = projection.keep
+    ctrl = feats["controls"][:, keep]
+    mean, std = ctrl.mean(0), ctrl.std(0)
+    ok = std > 0
+    labelled = [p for p in targets if labels[p]]
+
+    def profiles(kind):
+        z = (feats[kind][:, keep][:, ok] - mean[ok]) / std[ok]
+        return np.stack([np.nanmean(z[owner == p], axis=0) for p in labelled])
+
+    lab = [str(labels[p]) for p in labelled]
+    hits = _hits(lab)
+    if len(lab) < 3 or not (hits & ~np.eye(len(lab), dtype=bool)).any():
+        return {"skipped": "fewer than 2 perturbations share a retrieval label"}
+    reference = profiles("real")
+    out = {"perturbations": len(lab), "labels": len(set(lab)), "real": retrieval_scores(
+        reference, reference, lab), "random": random_retrieval(lab, seed=seed)}
+    for kind in kinds:
+        if kind == "controls":
+            continue
+        q = profiles(kind)
+        rows = np.isfinite(q).all(1)
+        if rows.all():
+            out[kind] = retrieval_scores(q, reference, lab)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+TABLE_METRICS = ("fid", "kid", "mmd", "density", "coverage", "shift_cosine", "sign_agreement")
+KIND_TITLES = {"g2i": "G2I", "i2i": "I2I", "impa": "IMPA", "controls": "controls"}
+
+
+def summary_table(result: dict, space: str = "classical") -> str:
+    """Markdown: one row per (group, metric), one column per kind (G2I | I2I | IMPA | controls)."""
+    summary = result["feature_spaces"][space]["summary"]
+    kinds = result["kinds"]
+    lines = ["| group | metric | " + " | ".join(KIND_TITLES[k] for k in kinds) + " |",
+             "|---|---|" + "---:|" * len(kinds)]
+    for group, entry in summary.items():
+        label = f"{group} ({entry['n_perturbations']})"
+        for metric in TABLE_METRICS:
+            cells = [entry.get(k, {}).get(metric) for k in kinds]
+            if all(v is None for v in cells):
+                continue
+            text = ["" if v is None else f"{v:.4g}" for v in cells]
+            lines.append(f"| {label} | {metric} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def retrieval_table(result: dict) -> str:
+    """Markdown: retrieval of real profiles by generated / real queries, and chance."""
+    r = result.get("retrieval", {})
+    if "skipped" in r or not r:
+        return f"retrieval skipped: {r.get('skipped', 'no classical space')}"
+    kinds = [k for k in ("g2i", "i2i", "impa", "real", "random") if k in r]
+    metrics_ = ("top1", "top5", "map", "folds_of_enrichment_top10")
+    lines = ["| query | " + " | ".join(metrics_) + " |", "|---|" + "---:|" * len(metrics_)]
+    for kind in kinds:
+        cells = [r[kind].get(m) for m in metrics_]
+        lines.append(f"| {KIND_TITLES.get(kind, kind)} | "
+                     + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""MorphDiff evaluation pieces against NumPy re-derivations (no training here)."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from morphjax import morphdiff_eval as me
+
+
+def _shifted(rng, shift, n=40, f=12):
+    control = rng.standard_normal((n, f))
+    return control, control[::-1] + shift
+
+
+def test_shift_cosine_closed_form():
+    rng = np.random.default_rng(0)
+    control = rng.standard_normal((50, 8))
+    real = rng.standard_normal((30, 8)) + np.arange(8)
+    generated = rng.standard_normal((20, 8)) + np.arange(8)[::-1]
+    a = generated.mean(0) - control.mean(0)
+    b = real.mean(0) - control.mean(0)
+    expected = a @ b / np.sqrt((a @ a) * (b @ b))
+    assert me.shift_cosine(generated, real, control) == pytest.approx(expected, rel=1e-10)
+    # Generation that moves exactly toward the target (any scale) has cosine 1; away, -1.
+    target = control.mean(0) + 3 * (real.mean(0) - control.mean(0))
+    toward = rng.standard_normal((20, 8))
+    toward += target - toward.mean(0)
+    assert me.shift_cosine(toward, real, control) == pytest.approx(1.0, abs=1e-9)
+    assert me.shift_cosine(2 * control.mean(0) - toward, real, control) == pytest.approx(
+        -1.0, abs=1e-9)
+
+
+def test_sign_agreement_counts_the_top_features():
+    control = np.zeros((4, 12))
+    true_shift = np.array([5, -4, 3, -2, 1, 0.5, -0.4, 0.3, 0.2, -0.1, 0.05, 0.01])
+    real = control + true_shift
+    pred = np.sign(true_shift).copy()
+    pred[[0, 1, 11]] *= -1  # Two of the top 10 wrong; feature 11 is outside the top 10.
+    assert me.sign_agreement(control + pred, real, control) == pytest.approx(0.8)
+    assert me.sign_agreement(control + pred, real, control, top=3) == pytest.approx(1 / 3)
+    assert me.sign_agreement(real, real, control) == 1.0
+
+
+def test_retrieval_labels_moa_then_complex_then_first_target():
+    table = pd.DataFrame({
+        "perturbation": ["DMSO", "cpd_a", "cpd_b", "crispr", "orf", "bare", "both"],
+        "moa": ["", "HDAC inhibitor", "", "", "", "", "kinase inhibitor"],
+        "complex": ["", "", "", "CORUM:1", "CORUM:2", "", "CORUM:3"],
+        "target_gene": ["", "HDAC1|HDAC2", "ABL1|BRAF", "TNNC1", "PDE4D", "", "KIT"],
+    })
+    np.testing.assert_array_equal(
+        me.retrieval_labels(table),
+        ["", "HDAC inhibitor", "ABL1", "CORUM:1", "CORUM:2", "", "kinase inhibitor"])
+
+
+def _brute_topk(sim, labels, k):
+    tokens = [set(lab.split("|")) for lab in labels]
+    out = []
+    for i in range(len(labels)):
+        others = [j for j in range(len(labels)) if j != i]
+        if not any(tokens[i] & tokens[j] for j in others):
+            continue
+        ranked = sorted(others, key=lambda j: (-sim[i, j], j))[:k]
+        out.append(any(tokens[i] & tokens[j] for j in ranked))
+    return np.mean(out)
+
+
+def test_topk_accuracy_and_its_random_expectation():
+    rng = np.random.default_rng(1)
+    labels = ["a", "a", "b", "b", "b", "c", "a|c", "d"]
+    sim = rng.standard_normal((8, 8))
+    hits = me._hits(labels)
+    for k in (1, 3, 5):
+        assert me.topk_accuracy(sim, hits, k) == pytest.approx(_brute_topk(sim, labels, k))
+    # Random expectation: the mean over every permutation of the other 7 ranks (exact).
+    for k in (1, 2):
+        accs = []
+        for _ in range(3000):
+            accs.append(me.topk_accuracy(rng.random((8, 8)), hits, k))
+        assert me.random_topk_accuracy(hits, k) == pytest.approx(np.mean(accs), abs=0.02)
+
+
+def test_cross_retrieval_perfect_and_shuffled_queries():
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((4, 16)) * 5
+    labels = [f"m{i % 4}" for i in range(16)]
+    reference = centres[np.arange(16) % 4] + 0.1 * rng.standard_normal((16, 16))
+    queries = reference + 0.1 * rng.standard_normal((16, 16))
+    good = me.retrieval_scores(queries, reference, labels)
+    assert good["top1"] == 1.0 and good["map"] == pytest.approx(1.0)
+    assert good["queries"] == 16
+    bad = me.retrieval_scores(queries[rng.permutation(16)], reference, labels)
+    assert bad["top1"] < 0.7
+    chance = me.random_retrieval(labels, draws=5)
+    assert chance["top1"] == pytest.approx(3 / 15)
+
+
+def _per(fids, gen_fids, cos):
+    return {p: {"metrics": {"g2i": {"fid": g, "kid": g / 10},
+                            "controls": {"fid": f, "kid": f / 10}},
+                "shift_cosine": {"g2i": c}, "sign_agreement": {"g2i": 0.5}}
+            for p, (f, g, c) in enumerate(zip(fids, gen_fids, cos))}
+
+
+def test_summarize_groups_and_strong_within_group():
+    control_fid = [1.0, 5.0, 3.0, 10.0, 2.0, 7.0]
+    gen_fid = [0.5, 2.0, 1.0, 4.0, 3.0, 6.0]
+    cos = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    seen = {0, 1, 2}
+    out = me.summarize(_per(control_fid, gen_fid, cos), seen, strong_quantile=0.5)
+    assert set(out) == {f"{g}/{s}" for g, s in itertools.product(me.GROUPS, ("all", "strong"))}
+    # Strong is decided inside each group: seen median 3 -> {1, 2}; unseen median 7 -> {3, 5}.
+    assert out["seen/strong"]["perturbations"] == [1, 2]
+    assert out["unseen/strong"]["perturbations"] == [3, 5]
+    assert out["all/strong"]["perturbations"] == [1, 3, 5]
+    assert out["unseen/all"]["g2i"]["fid"] == pytest.approx(np.mean([4.0, 3.0, 6.0]))
+    assert out["seen/strong"]["controls"]["kid"] == pytest.approx(np.mean([0.5, 0.3]))
+    assert out["unseen/strong"]["g2i"]["shift_cosine"] == pytest.approx(0.5)
+    assert "shift_cosine" not in out["all/all"]["controls"]
