@@ -322,6 +322,34 @@ def _parse_args(argv):
     bench_cpcnn.add_argument("--classes", type=int, default=490)
     _add_timing_args(bench_cpcnn)
 
+    bench_ldm = suites.add_parser(
+        "ldm", help="MorphDiff U-Net train step and DDIM sampling images/s and memory per device",
+        description="Times the MorphDiff latent-diffusion train step (U-Net + frozen expression "
+                    "projection, AdamW, EMA; the config's sharding rules, FSDP when the mesh has "
+                    "fsdp > 1) and DDIM sampling on random latents and expression vectors, one "
+                    "row per (batch, mesh), with planned and compiled memory per device.")
+    bench_ldm.add_argument("--config", default="configs/morphdiff.py:jump_orf",
+                           help="configs/morphdiff.py:PRESET (paper: jump_orf, cdrp, lincs; "
+                                "CPU-sized: synthetic, tiny)")
+    bench_ldm.add_argument("--batch", default="8,64", help="comma-separated batch sizes")
+    bench_ldm.add_argument("--mesh", action="append", default=None, metavar="data=..,fsdp=..",
+                           help="repeatable; default data=-1 (all devices, data parallel)")
+    bench_ldm.add_argument("--ddim-steps", type=int, default=50)
+    bench_ldm.add_argument("--dtype", choices=("float32", "bfloat16"),
+                           help="compute dtype (default: the config's)")
+    bench_ldm.add_argument("--remat", action="store_true", help="rematerialise U-Net blocks")
+    bench_ldm.add_argument("--genes", type=int, default=977, help="expression vector length")
+    bench_ldm.add_argument("--plan-only", action="store_true",
+                           help="shapes, shardings, planned bytes and a traced step; no compile")
+    bench_ldm.add_argument("--fast-compile", action="store_true",
+                           help="XLA backend optimisation off: quicker compile, slower steps")
+    bench_ldm.add_argument("--steps", type=int, default=10, help="timed train steps (median)")
+    bench_ldm.add_argument("--warmup", type=int, default=2)
+    bench_ldm.add_argument("--set", dest="overrides", action="append", default=[],
+                           metavar="KEY=VALUE", help="config override, e.g. unet.num_heads=4")
+    bench_ldm.add_argument("--out", metavar="DIR",
+                           help="write DIR/bench_ldm.md and DIR/bench_ldm.csv")
+
     convert = verbs.add_parser("convert-weights", help="convert public pretrained weights")
     convert.add_argument("model", choices=("inception", "lpips_vgg16"),
                          help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth; "
@@ -600,6 +628,14 @@ def _bench(args) -> int:
                             embed_batch_size=args.embed_batch_size, image_size=args.image_size,
                             num_classes=args.classes, steps=args.steps, warmup=args.warmup,
                             overrides=tuple(args.overrides))
+    elif args.suite == "ldm":
+        from morphjax.bench_ldm import FAST_COMPILE, bench_ldm
+        bench_ldm(args.config, batches=sizes(args.batch), meshes=args.mesh or ("data=-1",),
+                  steps=args.steps, warmup=args.warmup, ddim_steps=args.ddim_steps,
+                  dtype=args.dtype, remat=args.remat, num_genes=args.genes,
+                  overrides=tuple(args.overrides), plan_only=args.plan_only,
+                  compiler_options=FAST_COMPILE if args.fast_compile else None, out=args.out)
+        return 0
     elif args.suite == "impa":
         from morphjax.bench_impa import bench_impa
         table = bench_impa(args.preset, batch_size=args.batch_size, steps=args.steps,
