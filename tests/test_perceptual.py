@@ -15,8 +15,7 @@ from morphjax.features import convert
 from morphjax.models import perceptual
 from morphjax.models.efficientnet import EfficientNet
 from morphjax.models.perceptual import (LPIPS, CellPaintingPerceptual, FrozenWeight,
-                                        VGG16Features, load_lpips_vgg16, load_perceptual,
-                                        per_channel_lpips)
+                                        VGG16Features, load_lpips_vgg16, load_perceptual)
 
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 SCALE = np.array([0.458, 0.448, 0.450], np.float32)
