@@ -11,10 +11,12 @@ from morphjax.data.samplers import class_balanced
 from morphjax.data.samplers import control_treated_pairs
 from morphjax.data.shapes import make_shapes_dataset
 from morphjax.data.sources import ArraySource
+from morphjax.data.sources import Subset
 from morphjax.data.sources import tfds_source
 
 __all__ = [
     "ArraySource",
+    "Subset",
     "augment_crop",
     "balanced_epoch_indices",
     "class_balanced",

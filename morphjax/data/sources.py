@@ -56,6 +56,19 @@ class ArraySource:
         return f"ArraySource(len={self._length}, {fields})"
 
 
+class Subset:
+    """Random access to `source[indices[i]]`: a split's rows picked by a task (e.g. treated cells)."""
+
+    def __init__(self, source: Sequence[Any], indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self._source[int(self._indices[i])]
+
+
 def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Any]:
     """The whole `split` of a prepared (ArrayRecord) TFDS dataset as a random-access source.
 

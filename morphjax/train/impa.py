@@ -67,19 +67,6 @@ def diversity_weight(weight: float, decay_steps: int, step: jax.Array) -> jax.Ar
 
 # -- data ----------------------------------------------------------------------------------------
 
-class _Subset:
-    """Random access to `source[indices[i]]`."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, i):
-        return self._source[int(self._indices[i])]
-
-
 def prepare_image(image: np.ndarray, image_size: int, rng: np.random.Generator | None, *,
                   dequantize: bool, flip_prob: float) -> np.ndarray:
     """uint8 HWC crop -> float32 in [-1, 1] at `image_size` (IMPA's CustomTransform).
@@ -263,7 +250,7 @@ class ImpaTask:
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         d, t = self.config.data, self.config.train
         rows = self._train_rows()
-        source = grain.MapDataset.source(_Subset(self.source(d.train_split),
+        source = grain.MapDataset.source(data.Subset(self.source(d.train_split),
                                                  rows["split_index"].to_numpy()))
         options = dict(dequantize=d.dequantize, flip_prob=d.flip_prob)
         size = d.image_size
@@ -302,7 +289,7 @@ class ImpaTask:
             rows = rows[rows["is_control"].astype(bool)]
         if not len(rows):
             return None
-        source = _Subset(self.source(d.eval_split), rows["split_index"].to_numpy())
+        source = data.Subset(self.source(d.eval_split), rows["split_index"].to_numpy())
         size, dequantize, domain = d.image_size, d.dequantize, d.domain
 
         def transform(item):

@@ -137,19 +137,6 @@ def load_expression_screen(config: ml_collections.ConfigDict, *,
                             seen, unseen)
 
 
-class _Rows:
-    """Random access to `source[indices[i]]`."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, i):
-        return self._source[int(self._indices[i])]
-
-
 def to_model_space(image: np.ndarray, channel_index: np.ndarray, image_size: int,
                    rng: np.random.Generator | None = None, flip_prob: float = 0.0) -> np.ndarray:
     """uint8 HWC crop -> the model's channels in [-1, 1] (x / 127.5 - 1, reference `5c.py`)."""
@@ -227,7 +214,7 @@ class MorphDiffAutoencoderTask:
     def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
         d, s = self.config.data, self.spec
         rows = s.training_rows(d.train_split)
-        source = _Rows(open_split(s.dataset_dir, d.train_split), rows["split_index"].to_numpy())
+        source = data.Subset(open_split(s.dataset_dir, d.train_split), rows["split_index"].to_numpy())
         index, size, flip = s.channel_index, d.image_size, d.flip_prob
 
         def transform(item, rng):
@@ -243,7 +230,7 @@ class MorphDiffAutoencoderTask:
         rows = s.training_rows(d.eval_split)
         if not len(rows):
             return None
-        source = _Rows(open_split(s.dataset_dir, d.eval_split), rows["split_index"].to_numpy())
+        source = data.Subset(open_split(s.dataset_dir, d.eval_split), rows["split_index"].to_numpy())
         index, size = s.channel_index, d.image_size
         return data.make_eval_dataset(
             source, batch_size=self.config.train.batch_size // process_count,
@@ -431,7 +418,7 @@ class MorphDiffLdmTask:
 
     def _latent_dataset(self, split: str, rows: pd.DataFrame):
         cache, expression = self.latent_cache(split), self.spec.expression
-        source = _Rows(cache, rows["split_index"].to_numpy())
+        source = data.Subset(cache, rows["split_index"].to_numpy())
 
         def transform(item, rng=None):
             del rng
