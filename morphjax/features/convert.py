@@ -118,10 +118,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def convert_inception(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
-    """`morphjax convert-weights inception IN.pth OUT`: writes the NNX params as `.npz`."""
-    arrays = convert_state_dict(read_torch_state_dict(in_path))
-    arrays[FORMAT_KEY] = np.array(FORMAT)
+def _write_npz(arrays: dict[str, np.ndarray], out_path: str | os.PathLike) -> str:
+    """Writes converted weights atomically as `.npz` (suffix added if missing); returns the path."""
     out_path = os.fspath(out_path)
     if not out_path.endswith(".npz"):
         out_path += ".npz"
@@ -129,6 +127,13 @@ def convert_inception(in_path: str | os.PathLike, out_path: str | os.PathLike) -
     np.savez(buffer, **arrays)
     morphjax_io.atomic_write_bytes(out_path, buffer.getvalue())
     return out_path
+
+
+def convert_inception(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """`morphjax convert-weights inception IN.pth OUT`: writes the NNX params as `.npz`."""
+    arrays = convert_state_dict(read_torch_state_dict(in_path))
+    arrays[FORMAT_KEY] = np.array(FORMAT)
+    return _write_npz(arrays, out_path)
 
 
 def inception_from_arrays(arrays: dict[str, np.ndarray], *, resize_input: bool = True,
@@ -210,10 +215,4 @@ def convert_lpips_vgg16(vgg16_pth: str | os.PathLike, lin_pth: str | os.PathLike
                                        read_torch_state_dict(lin_pth))
     perceptual.lpips_from_arrays(arrays)  # Same checks as at load time.
     arrays[FORMAT_KEY] = np.array(perceptual.LPIPS_VGG16_FORMAT)
-    out_path = os.fspath(out_npz)
-    if not out_path.endswith(".npz"):
-        out_path += ".npz"
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    morphjax_io.atomic_write_bytes(out_path, buffer.getvalue())
-    return out_path
+    return _write_npz(arrays, out_npz)

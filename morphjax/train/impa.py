@@ -117,26 +117,34 @@ class ScreenSpec:
     tables: dict[str, np.ndarray]
 
 
+def read_dataset_report(path: str, image_size: int, *, example_preset: str) -> dict:
+    """The build report of the dataset at `data.path`, checked to exist and to fit `image_size`."""
+    from data_builders.raw_screen import read_build_report  # noqa: PLC0415
+
+    if not path:
+        raise ValueError("data.path is empty: set it to a dataset built by `morphjax build`, e.g. "
+                         f"--set data.path=runs/data/{example_preset}_small/dataset")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"data.path {path} does not exist; build it first, e.g. `morphjax build "
+            f"synthetic_screen --preset {example_preset} --scale small --out "
+            f"{os.path.dirname(os.path.abspath(path))}`")
+    report = read_build_report(path)
+    crop = int(report["options"].get("resize_to") or report["options"]["crop_size"])
+    if crop % image_size:
+        raise ValueError(f"data.image_size {image_size} does not divide the dataset's {crop} px "
+                         f"crops; set data.image_size to {crop} or a divisor, or rebuild with --resize")
+    return report
+
+
 def load_screen(config: ml_collections.ConfigDict, cache_dir: str | None = None) -> ScreenSpec:
     """Reads a built screen and derives targets, heads and condition tables from `config.data`."""
     from data_builders.raw_screen import read_tables  # noqa: PLC0415
 
     d = config.data
-    if not d.path:
-        raise ValueError("data.path is empty: set it to a dataset built by `morphjax build`, e.g. "
-                         "--set data.path=runs/data/bbbc021_like_small/dataset")
-    if not os.path.isdir(d.path):
-        raise FileNotFoundError(
-            f"data.path {d.path} does not exist; build it first, e.g. `morphjax build "
-            f"synthetic_screen --preset bbbc021_like --scale small --out {os.path.dirname(d.path)}`")
     if d.mode not in MODES:
         raise ValueError(f"data.mode {d.mode!r} is not one of {MODES}")
-    from data_builders.raw_screen import read_build_report  # noqa: PLC0415
-    report = read_build_report(d.path)
-    crop = int(report["options"].get("resize_to") or report["options"]["crop_size"])
-    if crop % d.image_size:
-        raise ValueError(f"data.image_size {d.image_size} does not divide the dataset's {crop} px "
-                         f"crops; set data.image_size to {crop} or a divisor, or rebuild with --resize")
+    report = read_dataset_report(d.path, d.image_size, example_preset="bbbc021_like")
     tables = read_tables(d.path)
     cells, perts = tables["cells"], tables["perturbations"]
     names = perts["perturbation"].astype(str)

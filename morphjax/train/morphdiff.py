@@ -36,7 +36,7 @@ from morphjax.models import autoencoder as ae_lib
 from morphjax.models.conditioning import ExpressionContext
 from morphjax.models.unet import UNet
 from morphjax.train import grads as grads_lib
-from morphjax.train.impa import prepare_image
+from morphjax.train.impa import prepare_image, read_dataset_report
 from morphjax.train.optim import make_optimizer
 from morphjax.train.state import FrozenParam, TrainState
 
@@ -76,22 +76,11 @@ class ExpressionScreen:
 def load_expression_screen(config: ml_collections.ConfigDict, *,
                            need_expression: bool = True) -> ExpressionScreen:
     """Reads a built screen, its expression.npy and the held-out perturbations of `config.data`."""
-    from data_builders.raw_screen import read_build_report, read_tables  # noqa: PLC0415
+    from data_builders.raw_screen import read_tables  # noqa: PLC0415
 
     d = config.data
-    if not d.path:
-        raise ValueError("data.path is empty: set it to a dataset built by `morphjax build`, e.g. "
-                         "--set data.path=runs/data/cellpainting_like_small/dataset")
-    if not os.path.isdir(d.path):
-        raise FileNotFoundError(
-            f"data.path {d.path} does not exist; build it first, e.g. `morphjax build "
-            f"synthetic_screen --preset cellpainting_like --scale small --out "
-            f"{os.path.dirname(os.path.abspath(d.path))}`")
-    report = read_build_report(d.path)
+    report = read_dataset_report(d.path, d.image_size, example_preset="cellpainting_like")
     crop = int(report["options"].get("resize_to") or report["options"]["crop_size"])
-    if crop % d.image_size:
-        raise ValueError(f"data.image_size {d.image_size} does not divide the dataset's {crop} px "
-                         f"crops; set data.image_size to {crop} or a divisor")
     available = tuple(report["channels"])
     channels = tuple(d.channels) or available
     missing = [c for c in channels if c not in available]
