@@ -2,7 +2,7 @@
 
   1. the KL autoencoder (`configs/morphdiff.py:synthetic,autoencoder`), resumed if interrupted;
   2. the latent diffusion model on its frozen latents (`configs/morphdiff.py:synthetic`);
-  3. `morphdiff_eval.evaluate_run`: G2I | I2I (| IMPA) | controls per group (seen / unseen,
+  3. `morphdiff_eval.evaluate_run`: G2I | I2I (| IMPA) | AE round trip | controls per group (seen / unseen,
      all / strong) in the classical space (and CP-CNN / Inception when given), retrieval of real
      profiles by generated ones, and sample grids of the 3 strongest unseen perturbations.
 Writes experiments/results/morphdiff_synthetic_cpu.md and .json.
@@ -97,7 +97,9 @@ def main() -> None:
              "perturbation and kind. Columns: generated from the expression vector (G2I), "
              "test-split control cells transformed (I2I), "
              + ("IMPA on the same controls, " if args.impa_workdir else "")
-             + "and the untransformed controls (the predict-no-change baseline). Lower FID / "
+             + "the real cells through the autoencoder (AE round trip: the ceiling the first "
+             "stage sets), and the untransformed controls (the predict-no-change baseline). "
+             "Lower FID / "
              "KID / MMD is better; strong = controls-vs-real FID at or above the group's "
              "`eval.strong_quantile`.", ""]
     for space, entry in result["feature_spaces"].items():

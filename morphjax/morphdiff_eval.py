@@ -6,7 +6,9 @@ compares against `n` real test cells of that perturbation:
 * `g2i`: `n` cells generated from the perturbation's expression vector (DDIM from noise);
 * `i2i`: `n` random test-split control cells transformed under that vector (SDEdit);
 * `impa` (optional): the same control cells transferred by an IMPA run on the same dataset;
-* `controls`: the same control cells untransformed (the "predict no change" baseline).
+* `controls`: the same control cells untransformed (the "predict no change" baseline);
+* `reconstructed`: the real cells through the frozen autoencoder (encode, decode): the ceiling
+  set by the first stage, since every generated cell is a decoded latent.
 
 Per feature space (classical always; `cpcnn` with a Cell Painting CNN run; `inception` when
 its weights exist) on standardised, PCA-projected features (`impa_eval.Projection`): FID, KID,
@@ -319,11 +321,13 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
     if "i2i" in modes:
         print(f"I2I: {len(owner)} cells for {len(targets)} perturbations")
         images["i2i"] = mds.generate_i2i(run, images["controls"], expression, seed=seed + 1)
+    print(f"autoencoder round trip: {len(owner)} real cells")
+    images["reconstructed"] = mds.reconstruct(run, images["real"], seed=seed + 2)
     impa_known = None
     if impa_workdir:
         images["impa"], impa_known = _impa_cells(impa_workdir, run, names, owner,
                                                  images["controls"], seed)
-    kinds = [k for k in ("g2i", "i2i", "impa", "controls") if k in images]
+    kinds = [k for k in ("g2i", "i2i", "impa", "reconstructed", "controls") if k in images]
 
     extractors, skipped = _extractors(run, spaces, cpcnn_run, inception_weights)
     labels = retrieval_labels(spec.perturbations)
@@ -425,11 +429,13 @@ def _jsonable(x):
 # -- tables --------------------------------------------------------------------------------------
 
 TABLE_METRICS = ("fid", "kid", "mmd", "density", "coverage", "shift_cosine", "sign_agreement")
-KIND_TITLES = {"g2i": "G2I", "i2i": "I2I", "impa": "IMPA", "controls": "controls"}
+KIND_TITLES = {"g2i": "G2I", "i2i": "I2I", "impa": "IMPA", "reconstructed": "AE round trip",
+               "controls": "controls"}
 
 
 def summary_table(result: dict, space: str = "classical") -> str:
-    """Markdown: one row per (group, metric), one column per kind (G2I | I2I | IMPA | controls)."""
+    """Markdown: one row per (group, metric), one column per kind (G2I | I2I | IMPA | AE round
+    trip | controls)."""
     summary = result["feature_spaces"][space]["summary"]
     kinds = result["kinds"]
     lines = ["| group | metric | " + " | ".join(KIND_TITLES[k] for k in kinds) + " |",
@@ -450,7 +456,7 @@ def retrieval_table(result: dict) -> str:
     r = result.get("retrieval", {})
     if "skipped" in r or not r:
         return f"retrieval skipped: {r.get('skipped', 'no classical space')}"
-    kinds = [k for k in ("g2i", "i2i", "impa", "real", "random") if k in r]
+    kinds = [k for k in ("g2i", "i2i", "impa", "reconstructed", "real", "random") if k in r]
     metrics_ = ("top1", "top5", "map", "folds_of_enrichment_top10")
     lines = ["| query | " + " | ".join(metrics_) + " |", "|---|" + "---:|" * len(metrics_)]
     for kind in kinds:

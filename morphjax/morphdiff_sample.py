@@ -63,6 +63,12 @@ def _i2i(task, graphdef, steps, strength, state, images, expression, rng):
                           steps=steps)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reconstruct(task, graphdef, state, images, rng):
+    train_state = nnx.merge(graphdef, state)
+    return task.decode(train_state, task.encode(train_state, images, rng))
+
+
 def _batched(fn, arrays: list[np.ndarray], batch_size: int, seed: int) -> np.ndarray:
     """fn(*batch, rng) over fixed-size batches (the last padded): one compile for all."""
     n, out = len(arrays[0]), []
@@ -100,6 +106,16 @@ def generate_i2i(run: Run, images: np.ndarray, expression: np.ndarray, *, seed: 
     fn = functools.partial(_i2i, run.task, graphdef, steps, strength, state)
     return _batched(fn, [np.asarray(images, np.float32), np.asarray(expression, np.float32)],
                     batch_size, seed)
+
+
+def reconstruct(run: Run, images: np.ndarray, *, seed: int = 0,
+                batch_size: int = 32) -> np.ndarray:
+    """decode(posterior sample of encode(images)): the frozen autoencoder's round trip, the best
+    any latent the diffusion model generates can look (the "rFID" of latent-diffusion papers)."""
+    check_run(run)
+    graphdef, state = nnx.split(run.state)
+    fn = functools.partial(_reconstruct, run.task, graphdef, state)
+    return _batched(fn, [np.asarray(images, np.float32)], batch_size, seed)
 
 
 def control_cells(run: Run, n: int, seed: int = 0) -> np.ndarray:

@@ -16,6 +16,7 @@ from flax import nnx
 from morphjax import cli
 from morphjax import config as cfg
 from morphjax import latents
+from morphjax import morphdiff_eval
 from morphjax import morphdiff_sample
 from morphjax import parallel
 from morphjax.runs import load_run
@@ -276,6 +277,25 @@ def test_sample_cli_writes_grids_and_arrays(runs, ldm_run, tmp_path, capsys):
         assert str(arrays["mode"]) == mode
     with pytest.raises(ValueError, match="no_such_gene"):
         morphdiff_sample.sample(ldm_run, "no_such_gene", str(tmp_path))
+
+
+def test_evaluate_run_compares_every_kind_and_writes_tables(runs, tmp_path):
+    out = tmp_path / "eval"
+    result = morphdiff_eval.evaluate_run(runs["ldm"], str(out), samples_per_perturbation=4,
+                                         max_seen=2)
+    assert result["kinds"] == ["g2i", "i2i", "reconstructed", "controls"]
+    targets = result["perturbations"]
+    assert len(targets) == 2 and all(info["seen"] for info in targets.values())
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 2 * 4 and set(table["kind"]) == set(result["kinds"])
+    assert np.isfinite(table[["fid", "kid", "mmd", "coverage"]].to_numpy()).all()
+    # Shift metrics compare a prediction with the controls: none for the controls themselves.
+    assert table.loc[table["kind"] == "controls", "shift_cosine"].isna().all()
+    assert table.loc[table["kind"] != "controls", "shift_cosine"].notna().all()
+    header = morphdiff_eval.summary_table(result).splitlines()[0]
+    assert header == "| group | metric | G2I | I2I | AE round trip | controls |"
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["run"]["step"] == 6
 
 
 # -- 6. errors -----------------------------------------------------------------------------------

@@ -308,3 +308,28 @@ def test_two_process_run_matches_one_process(tmp_path):
     assert np.max(np.abs(a - b) / np.abs(b)) < 1e-5
     iterators = sorted(os.listdir(tmp_path / "multi" / "checkpoints" / "6" / "data_iter"))
     assert "process_0-of-2.json" in iterators and "process_1-of-2.json" in iterators
+
+
+def test_building_modules_under_jit_does_not_walk_the_traced_graph(monkeypatch):
+    """Every `rngs.params()` bumps a counter through `Variable.set_value`, which probes
+    `tracer.sharding`; that probe must not walk all equations traced so far (O(n^2) builds)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the sharding probe walked the traced graph")
+
+    monkeypatch.setattr(pe.JaxprStackFrame, "find_progenitors", walked)
+
+    def build():
+        rngs = nnx.Rngs(0)
+        layers = [nnx.Linear(4, 4, rngs=rngs) for _ in range(3)]
+        return sum(layer.kernel.get_value().sum() for layer in layers)
+
+    assert np.isfinite(float(jax.jit(build)()))
+
+    @jax.jit
+    def probe(x):
+        assert not hasattr(x, "sharding")
+        return x
+
+    probe(jnp.ones(2))

@@ -19,6 +19,7 @@ context tokens of the cell's perturbation's L1000 vector.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import os
 from typing import Any
 
@@ -164,6 +165,13 @@ def _frozen(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, frozen, rest)
 
 
+def _zero_slot(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """The module `make` builds, all zeros: a slot that `load_pretrained` fills with trained
+    weights, so the jitted init spends no random-number graph (compile time) on it."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state))
+
+
 def build_autoencoder(config: ml_collections.ConfigDict, num_channels: int,
                       rngs: nnx.Rngs) -> ae_lib.AutoencoderKL:
     a = config.autoencoder
@@ -238,9 +246,7 @@ class MorphDiffAutoencoderTask:
         optimizers = {name: nnx.Optimizer(m, tx, wrt=nnx.Param) for name, m in models.items()}
         frozen = {}
         if self.perceptual is not None:
-            graphdef, weights = nnx.split(self.perceptual)
-            frozen["perceptual"] = nnx.merge(
-                graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), weights))
+            frozen["perceptual"] = _zero_slot(lambda: self.perceptual)
         return MorphDiffState(models, optimizers, frozen=frozen)
 
     def load_pretrained(self, state: MorphDiffState) -> nnx.State:
@@ -455,7 +461,8 @@ class MorphDiffLdmTask:
         ldm = self.build_ldm(rngs)
         optimizer = nnx.Optimizer(ldm, make_optimizer(c.optimizer, c.train.total_steps),
                                   wrt=nnx.Param)
-        autoencoder = _frozen(build_autoencoder(self.ae_config, self.channels, rngs))
+        autoencoder = _zero_slot(lambda: _frozen(
+            build_autoencoder(self.ae_config, self.channels, nnx.Rngs(0))))
         return MorphDiffState({"ldm": ldm}, {"ldm": optimizer},
                               frozen={"autoencoder": autoencoder}, ema_decay=c.train.ema_decay)
 
