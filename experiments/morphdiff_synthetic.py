@@ -105,6 +105,11 @@ def main() -> None:
     for space, entry in result["feature_spaces"].items():
         lines += [f"## Feature space: {space} ({entry['label']})", "",
                   morphdiff_eval.summary_table(result, space), ""]
+    if "inception_score" in result:
+        lines += ["## Inception Score (all perturbations pooled; higher is better)", "",
+                  "| kind | IS mean | IS std |", "|---|---:|---:|"]
+        lines += [f"| {morphdiff_eval.KIND_TITLES.get(k, k)} | {v['mean']:.3f} | "
+                  f"{v['std']:.3f} |" for k, v in result["inception_score"].items()] + [""]
     for space, why in result["skipped_spaces"].items():
         lines += [f"Feature space {space} skipped: {why}.", ""]
     lines += ["## Retrieval of real profiles (classical, z-scored on controls)", "",

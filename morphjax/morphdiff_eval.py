@@ -11,7 +11,8 @@ compares against `n` real test cells of that perturbation:
   set by the first stage, since every generated cell is a decoded latent.
 
 Per feature space (classical always; `cpcnn` with a Cell Painting CNN run; `inception` when
-its weights exist) on standardised, PCA-projected features (`impa_eval.Projection`): FID, KID,
+its weights exist, on RGB composites with morphdiff.txt's channel weights, plus the Inception
+Score of every kind) on standardised, PCA-projected features (`impa_eval.Projection`): FID, KID,
 RBF MMD (CMMD-style, one bandwidth per space: the median pairwise distance of the reference
 cells), density and coverage (k = `eval.knn`). In the standardised space: `shift_cosine`, the
 cosine between (mean generated - mean control) and (mean real - mean control), and the fraction
@@ -203,7 +204,8 @@ def cpcnn_extractor(cpcnn_run: str, channels: Sequence[str]):
     return get_extractor("model", apply=apply, label=f"cpcnn/{layer} ({cpcnn_run})")
 
 
-def _extractors(run: Run, spaces, cpcnn_run, inception_weights) -> tuple[dict, dict]:
+def _extractors(run: Run, spaces, cpcnn_run, inception_weights) -> tuple[dict, dict, object]:
+    """Feature extractors by space, skipped spaces with why, the Inception logits (IS) or None."""
     spaces = list(dict.fromkeys(["classical", *spaces]))
     if cpcnn_run and "cpcnn" not in spaces:
         spaces.append("cpcnn")
@@ -212,7 +214,7 @@ def _extractors(run: Run, spaces, cpcnn_run, inception_weights) -> tuple[dict, d
     unknown = [s for s in spaces if s not in SPACES]
     if unknown:
         raise ValueError(f"spaces {unknown} are not among {SPACES}")
-    out, skipped = {}, {}
+    out, skipped, logits = {}, {}, None
     for space in spaces:
         if space == "classical":
             out.update(impa_eval.feature_extractors(run, ["classical"]))
@@ -223,10 +225,36 @@ def _extractors(run: Run, spaces, cpcnn_run, inception_weights) -> tuple[dict, d
             out[space] = cpcnn_extractor(cpcnn_run, run.task.spec.channels)
         else:
             try:
-                out.update(impa_eval.feature_extractors(run, ["inception"], inception_weights))
+                out[space], logits = inception_extractors(inception_weights,
+                                                          run.task.spec.channels)
             except FileNotFoundError as error:
                 skipped[space] = str(error).split(".")[0]
-    return out, skipped
+    return out, skipped, logits
+
+
+def inception_extractors(weights: str | None, channels: Sequence[str], model=None):
+    """Inception-v3 (FID weights) on RGB composites with morphdiff.txt's channel weights
+    ("Evaluation setup"): (pool3 features for FID/KID/..., logits for the IS)."""
+    from morphjax.features import convert, get_extractor, registry  # noqa: PLC0415
+
+    if model is None:
+        model = convert.load_inception(registry.find_inception_weights(weights))
+    kw = dict(model=model, rgb="weights", channel_names=tuple(channels))
+    return get_extractor("inception", **kw), get_extractor("inception", output="logits", **kw)
+
+
+def inception_scores(extractor, images: dict[str, np.ndarray], splits: int = 10) -> dict:
+    """Inception Score (mean, std over `splits`) of every kind's cells, all perturbations pooled
+    (morphdiff.txt "Evaluation": higher is better)."""
+    out = {}
+    for kind, x in images.items():
+        x = x[np.isfinite(x).all(axis=(1, 2, 3))]
+        if len(x) < 2:
+            continue
+        mean, std = metrics.inception_score(impa_eval.extract(extractor, x),
+                                            splits=min(splits, len(x)))
+        out[kind] = {"mean": float(mean), "std": float(std)}
+    return out
 
 
 def _median_distance(x: np.ndarray, n: int = 1000, seed: int = 0) -> float:
@@ -329,7 +357,8 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
                                                  images["controls"], seed)
     kinds = [k for k in ("g2i", "i2i", "impa", "reconstructed", "controls") if k in images]
 
-    extractors, skipped = _extractors(run, spaces, cpcnn_run, inception_weights)
+    extractors, skipped, inception_logits = _extractors(run, spaces, cpcnn_run,
+                                                        inception_weights)
     labels = retrieval_labels(spec.perturbations)
     result = {"perturbations": {p: {"name": names[p], "seen": p in seen,
                                     "label": str(labels[p]), "real_cells": int((owner == p).sum())}
@@ -376,6 +405,8 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
             result["retrieval"] = _retrieval(feats, owner, targets, labels, kinds, projection,
                                              seed)
         result["feature_spaces"][space] = space_result
+    if inception_logits is not None:
+        result["inception_score"] = inception_scores(inception_logits, images)
 
     result["run"] = {"workdir": run.workdir, "step": run.step, "preset": c.get("preset"),
                      "dataset": c.data.path, "samples_per_perturbation": n_max,

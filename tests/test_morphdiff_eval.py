@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from morphjax import impa_eval, metrics
 from morphjax import morphdiff_eval as me
 
 
@@ -119,3 +120,20 @@ def test_summarize_groups_and_strong_within_group():
     assert out["seen/strong"]["controls"]["kid"] == pytest.approx(np.mean([0.5, 0.3]))
     assert out["unseen/strong"]["g2i"]["shift_cosine"] == pytest.approx(0.5)
     assert "shift_cosine" not in out["all/all"]["controls"]
+
+
+def test_inception_scores_per_kind_skip_missing_rows():
+    from morphjax.features import get_extractor
+
+    w = np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32)
+    logits = get_extractor("model", apply=lambda x: x.mean(axis=(1, 2)) @ w)
+    rng = np.random.default_rng(1)
+    images = {"g2i": rng.uniform(-1, 1, (12, 4, 4, 3)).astype(np.float32),
+              "impa": np.full((12, 4, 4, 3), np.nan, np.float32)}
+    images["impa"][:5] = images["g2i"][:5]  # IMPA knows 5 of the 12 perturbations.
+    out = me.inception_scores(logits, images, splits=4)
+    for kind, rows in (("g2i", 12), ("impa", 5)):
+        expected = metrics.inception_score(impa_eval.extract(logits, images[kind][:rows]),
+                                           splits=min(4, rows))
+        np.testing.assert_allclose([out[kind]["mean"], out[kind]["std"]], expected, rtol=1e-6)
+    assert out["g2i"]["mean"] > 1.0
