@@ -66,6 +66,9 @@ PRESETS = {
         unet=dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                   attention_resolutions=(1, 2), num_heads=4),
         conditioning=dict(num_tokens=64),
+        # Without the GAN the L1-only decoder is smooth and misses the crops' texture: on 256
+        # test cells its classical-feature FID to real cells was 1535 at step 2000 (L1-only)
+        # and 280 at step 4000 (GAN from 2500); real vs real cells: 25.
         loss=dict(perceptual="none", disc_start=2500),
         sample=dict(ddim_steps=50),
         stage=dict(
