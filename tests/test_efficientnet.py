@@ -15,36 +15,10 @@ from morphjax.models.efficientnet import (BN_EPSILON, DENSE_INIT, VARIANTS, Bloc
                                           round_filters, round_repeats)
 from morphjax.models.keras_weights import (load_keras_weights, read_keras_weights,
                                            save_keras_weights)
+from conftest import materialise
 
 B0_OUTPUTS = ["stem_activation", "block6a_expand_activation", "block6a_activation",
               "top_activation", "pool5"]
-
-
-def materialise(abstract: nnx.Module, seed: int) -> nnx.Module:
-    """A concrete model with random, well-scaled values of the abstract model's shapes.
-
-    Running the initialisers eagerly costs ~15 s for B0 on 2 cores; forward behaviour does not
-    depend on where the values came from (the initialisers are tested on one block below).
-    """
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.key(seed)
-        if name == "count":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
-        if name in ("scale", "var"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
-
-    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 def abstract_b0(**kwargs) -> nnx.Module:

@@ -16,6 +16,7 @@ from morphjax.models import perceptual
 from morphjax.models.efficientnet import EfficientNet
 from morphjax.models.perceptual import (LPIPS, CellPaintingPerceptual, FrozenWeight,
                                         VGG16Features, load_lpips_vgg16, load_perceptual)
+from conftest import materialise
 
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 SCALE = np.array([0.458, 0.448, 0.450], np.float32)
@@ -198,25 +199,7 @@ def cnn_perceptual():
     non-trivial BatchNorm statistics so that eval-mode BatchNorm matters."""
     abstract = nnx.eval_shape(lambda: EfficientNet("b0", in_channels=5, width=0.25, depth=0.34,
                                                    rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        if name == "count":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
-        if name in ("scale", "var"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
-
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill,
-                                                                     nnx.to_pure_dict(state)))
-    backbone = nnx.merge(graphdef, state)
+    backbone = materialise(abstract, seed=0)
     reference = nnx.clone(backbone)
     return CellPaintingPerceptual(backbone), reference
 

@@ -117,6 +117,21 @@ class ScreenSpec:
     tables: dict[str, np.ndarray]
 
 
+def seen_and_unseen(cells: pd.DataFrame, names: pd.Series, is_control: np.ndarray,
+                    d: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """Treated perturbation ids (among `d.perturbations`, all if empty) that training sees, and
+    the unseen ones: held out by `d.holdout` or without cells in `d.train_split`."""
+    train_counts = np.bincount(cells.loc[cells["split"] == d.train_split, "perturbation_id"],
+                               minlength=len(names))
+    wanted = (names.isin(d.perturbations).to_numpy() if d.perturbations
+              else np.ones(len(names), bool))
+    held = names.isin(d.holdout).to_numpy()
+    treated = ~is_control & wanted
+    seen = np.flatnonzero(treated & ~held & (train_counts > 0))
+    unseen = np.flatnonzero(treated & (held | (train_counts == 0)))
+    return seen, unseen
+
+
 def read_dataset_report(path: str, image_size: int, *, example_preset: str) -> dict:
     """The build report of the dataset at `data.path`, checked to exist and to fit `image_size`."""
     from data_builders.raw_screen import read_build_report  # noqa: PLC0415
@@ -151,13 +166,7 @@ def load_screen(config: ml_collections.ConfigDict, cache_dir: str | None = None)
     _check_names(d.perturbations, names, "data.perturbations")
     _check_names(d.holdout, names, "data.holdout")
     is_control = perts["is_control"].astype(int).to_numpy().astype(bool)
-    train_counts = np.bincount(cells.loc[cells["split"] == d.train_split, "perturbation_id"],
-                               minlength=len(perts))
-    wanted = names.isin(d.perturbations).to_numpy() if d.perturbations else np.ones(len(perts), bool)
-    held = names.isin(d.holdout).to_numpy()
-    treated = ~is_control & wanted
-    seen = np.flatnonzero(treated & ~held & (train_counts > 0))
-    unseen = np.flatnonzero(treated & (held | (train_counts == 0)))
+    seen, unseen = seen_and_unseen(cells, names, is_control, d)
     modality_names = conditions.perturbation_modalities(perts)
     modalities = tuple(dict.fromkeys(modality_names[i] for i in seen))
 

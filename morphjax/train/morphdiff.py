@@ -37,7 +37,7 @@ from morphjax.models import autoencoder as ae_lib
 from morphjax.models.conditioning import ExpressionContext
 from morphjax.models.unet import UNet
 from morphjax.train import grads as grads_lib
-from morphjax.train.impa import prepare_image, read_dataset_report
+from morphjax.train.impa import prepare_image, read_dataset_report, seen_and_unseen
 from morphjax.train.optim import make_optimizer
 from morphjax.train.state import FrozenParam, TrainState
 
@@ -113,13 +113,7 @@ def load_expression_screen(config: ml_collections.ConfigDict, *,
             f"{d.path} has no expression.npy: MorphDiff conditions on one L1000 vector per "
             "perturbation. Build the screen with `--expression ...` (data_builders/expression.py) "
             "or add one with data_builders.expression.write_expression")
-    train_counts = np.bincount(cells.loc[cells["split"] == d.train_split, "perturbation_id"],
-                               minlength=len(perts))
-    wanted = names.isin(d.perturbations).to_numpy() if d.perturbations else np.ones(len(perts), bool)
-    held = names.isin(d.holdout).to_numpy()
-    treated = ~is_control & wanted
-    seen = np.flatnonzero(treated & ~held & (train_counts > 0))
-    unseen = np.flatnonzero(treated & (held | (train_counts == 0)))
+    seen, unseen = seen_and_unseen(cells, names, is_control, d)
     if not seen.size:
         raise ValueError(f"{d.path}: no treated perturbation has training cells")
     index = np.array([available.index(c) for c in channels])
