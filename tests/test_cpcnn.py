@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from morphjax import config as cfg
-from morphjax import profiling
+from morphjax import morphdiff_eval, profiling
 from morphjax.models.cpcnn import reverse_gradient
 from morphjax.models.efficientnet import EfficientNet
 from morphjax.train import cpcnn, loop
@@ -222,9 +222,16 @@ def test_train_embed_profile_end_to_end(tiny_screen, tmp_path):
     images = np.stack([cpcnn.prepare_crop(source[i]["image"], np.arange(3), 32)
                        for i in range(4)])
     direct = backbone.forward(jnp.asarray(images), outputs=("block6a_activation",))
-    np.testing.assert_allclose(table[features].to_numpy()[:4],
-                               np.asarray(direct["block6a_activation"]).mean(axis=(1, 2)),
-                               rtol=1e-4, atol=1e-5)
+    pooled = np.asarray(direct["block6a_activation"]).mean(axis=(1, 2))
+    np.testing.assert_allclose(table[features].to_numpy()[:4], pooled, rtol=1e-4, atol=1e-5)
+    # MorphDiff's CP-CNN feature space is the same forward pass on [-1, 1] generated cells whose
+    # channels it picks by name (here given in reverse order).
+    names = tuple(run.task.cellset.channel_names)
+    extractor = morphdiff_eval.cpcnn_extractor(workdir, names[::-1])
+    got = extractor.apply(jnp.asarray(2.0 * images[..., ::-1] - 1.0))
+    np.testing.assert_allclose(np.asarray(got), pooled, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=f"needs channels.*{names[1]}"):
+        morphdiff_eval.cpcnn_extractor(workdir, names[:1])
     # The table goes straight into the profiling pipeline.
     profiles = profiling.profile(table, lam=1e-2)
     assert profiles["report"]["treatments"] == 4  # taxol, nocodazole, simvastatin, DMSO
