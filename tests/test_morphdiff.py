@@ -152,7 +152,7 @@ def test_latent_cache_holds_encoder_moments_and_rebuilds_on_mismatch(runs, ldm_r
 
 # -- 3. adaptive GAN weight ----------------------------------------------------------------------
 
-def test_adaptive_gan_weight_matches_full_graph_gradients(runs):
+def test_adaptive_gan_weight_and_d_loss_match_full_graph_rederivation(runs):
     run = load_run(runs["ae"])  # The trained AE and discriminator, on one device.
     config, s, state = run.config, run.setup, nnx.state(run.state)
     batch = jax.tree.map(jnp.asarray, next(iter(s.task.train_dataset(0, 1))))
@@ -162,7 +162,7 @@ def test_adaptive_gan_weight_matches_full_graph_gradients(runs):
     def step_metrics(state, batch, rng):
         return s.task.train_step(nnx.merge(s.graphdef, state), batch, rng)
 
-    reported = float(step_metrics(state, batch, rng)["d_weight"])
+    reported = step_metrics(state, batch, rng)
 
     x = batch["image"]
     ts = nnx.merge(s.graphdef, state)
@@ -175,14 +175,21 @@ def test_adaptive_gan_weight_matches_full_graph_gradients(runs):
         ae.decoder.conv_out.kernel.set_value(kernel)
         xrec = ae.decode(ae.encode(x).sample(rng))
         nll = jnp.abs(x - xrec).sum() / x.shape[0]
-        gan = -nnx.merge(d_graph, d_state, copy=True)(xrec, train=True).mean()
-        return nll, gan
+        # Train-mode BatchNorm, as the reference: real and fake batches normalised apart.
+        disc = nnx.merge(d_graph, d_state, copy=True)
+        real, fake = disc(x, train=True), disc(xrec, train=True)
+        return nll, -fake.mean(), real, fake
 
     g_nll = np.asarray(jax.grad(lambda k: terms(k)[0])(kernel), np.float64)
     g_gan = np.asarray(jax.grad(lambda k: terms(k)[1])(kernel), np.float64)
     ratio = np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4)
     expected = config.loss.disc_weight * np.clip(ratio, 0.0, 1e4)
-    np.testing.assert_allclose(reported, expected, rtol=1e-4)
+    np.testing.assert_allclose(float(reported["d_weight"]), expected, rtol=1e-4)
+    # The D step: hinge loss on the same logits (the run is past disc_start, factor 1).
+    _, _, real, fake = (np.asarray(v, np.float64) for v in terms(kernel))
+    hinge = 0.5 * (np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean())
+    np.testing.assert_allclose(float(reported["d_loss"]), hinge, rtol=1e-4)
+    np.testing.assert_allclose(float(reported["logits_fake"]), fake.mean(), rtol=1e-4, atol=1e-6)
 
 
 # -- 4. sharded LDM step, 7. EMA warm-up ---------------------------------------------------------
