@@ -2,9 +2,10 @@
 
   1. the KL autoencoder (`configs/morphdiff.py:synthetic,autoencoder`), resumed if interrupted;
   2. the latent diffusion model on its frozen latents (`configs/morphdiff.py:synthetic`);
-  3. `morphdiff_eval.evaluate_run`: G2I | I2I (| IMPA) | AE round trip | controls per group (seen / unseen,
-     all / strong) in the classical space (and CP-CNN / Inception when given), retrieval of real
-     profiles by generated ones, and sample grids of the 3 strongest unseen perturbations.
+  3. `morphdiff_eval.evaluate_run`: G2I | I2I (| IMPA) | AE round trip | controls via AE |
+     controls per group (seen / unseen, all / strong) in the classical space (and CP-CNN /
+     Inception when given), retrieval of real profiles by generated ones, and sample grids of
+     the 3 strongest unseen perturbations.
 Writes experiments/results/morphdiff_synthetic_cpu.md and .json.
 
   python experiments/morphdiff_synthetic.py
@@ -98,7 +99,9 @@ def main() -> None:
              "test-split control cells transformed (I2I), "
              + ("IMPA on the same controls, " if args.impa_workdir else "")
              + "the real cells through the autoencoder (AE round trip: the ceiling the first "
-             "stage sets), and the untransformed controls (the predict-no-change baseline). "
+             "stage sets), the controls through the autoencoder (controls via AE: no change as "
+             "the decoder renders it) and the untransformed controls (the predict-no-change "
+             "baseline). "
              "Lower FID / "
              "KID / MMD is better; strong = controls-vs-real FID at or above the group's "
              "`eval.strong_quantile`.", ""]

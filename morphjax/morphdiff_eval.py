@@ -9,6 +9,10 @@ compares against `n` real test cells of that perturbation:
 * `controls`: the same control cells untransformed (the "predict no change" baseline);
 * `reconstructed`: the real cells through the frozen autoencoder (encode, decode): the ceiling
   set by the first stage, since every generated cell is a decoded latent.
+* `controls_reconstructed`: the control cells through the autoencoder, "no change" as the
+  decoder renders it. A model that beats it but not `controls` has learned the perturbation
+  and is held back by its first stage; its `shift_cosine` is the part of any generated shift
+  that the decoder alone explains.
 
 Per feature space (classical always; `cpcnn` with a Cell Painting CNN run; `inception` when
 its weights exist, on RGB composites with morphdiff.txt's channel weights, plus the Inception
@@ -351,11 +355,13 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
         images["i2i"] = mds.generate_i2i(run, images["controls"], expression, seed=seed + 1)
     print(f"autoencoder round trip: {len(owner)} real cells")
     images["reconstructed"] = mds.reconstruct(run, images["real"], seed=seed + 2)
+    images["controls_reconstructed"] = mds.reconstruct(run, images["controls"], seed=seed + 3)
     impa_known = None
     if impa_workdir:
         images["impa"], impa_known = _impa_cells(impa_workdir, run, names, owner,
                                                  images["controls"], seed)
-    kinds = [k for k in ("g2i", "i2i", "impa", "reconstructed", "controls") if k in images]
+    kinds = [k for k in ("g2i", "i2i", "impa", "reconstructed", "controls_reconstructed",
+                         "controls") if k in images]
 
     extractors, skipped, inception_logits = _extractors(run, spaces, cpcnn_run,
                                                         inception_weights)
@@ -461,12 +467,12 @@ def _jsonable(x):
 
 TABLE_METRICS = ("fid", "kid", "mmd", "density", "coverage", "shift_cosine", "sign_agreement")
 KIND_TITLES = {"g2i": "G2I", "i2i": "I2I", "impa": "IMPA", "reconstructed": "AE round trip",
-               "controls": "controls"}
+               "controls_reconstructed": "controls via AE", "controls": "controls"}
 
 
 def summary_table(result: dict, space: str = "classical") -> str:
     """Markdown: one row per (group, metric), one column per kind (G2I | I2I | IMPA | AE round
-    trip | controls)."""
+    trip | controls via AE | controls)."""
     summary = result["feature_spaces"][space]["summary"]
     kinds = result["kinds"]
     lines = ["| group | metric | " + " | ".join(KIND_TITLES[k] for k in kinds) + " |",

@@ -290,17 +290,19 @@ def test_evaluate_run_compares_every_kind_and_writes_tables(runs, tmp_path):
     out = tmp_path / "eval"
     result = morphdiff_eval.evaluate_run(runs["ldm"], str(out), samples_per_perturbation=4,
                                          max_seen=2)
-    assert result["kinds"] == ["g2i", "i2i", "reconstructed", "controls"]
+    assert result["kinds"] == ["g2i", "i2i", "reconstructed", "controls_reconstructed",
+                               "controls"]
     targets = result["perturbations"]
     assert len(targets) == 2 and all(info["seen"] for info in targets.values())
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 2 * 4 and set(table["kind"]) == set(result["kinds"])
+    assert len(table) == 2 * 5 and set(table["kind"]) == set(result["kinds"])
     assert np.isfinite(table[["fid", "kid", "mmd"]].to_numpy()).all()
     # Shift metrics compare a prediction with the controls: none for the controls themselves.
     assert table.loc[table["kind"] == "controls", "shift_cosine"].isna().all()
     assert table.loc[table["kind"] != "controls", "shift_cosine"].notna().all()
     header = morphdiff_eval.summary_table(result).splitlines()[0]
-    assert header == "| group | metric | G2I | I2I | AE round trip | controls |"
+    assert header == ("| group | metric | G2I | I2I | AE round trip | controls via AE "
+                      "| controls |")
     with open(out / "metrics.json") as f:
         assert json.load(f)["run"]["step"] == 6
 
