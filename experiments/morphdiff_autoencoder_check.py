@@ -15,34 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage as ndi
-from flax import nnx
 
-from morphjax import impa_eval, metrics
+from morphjax import impa_eval, metrics, morphdiff_sample
 from morphjax.runs import load_run
 from morphjax.train import morphdiff as md
-
-
-def round_trip(run, images: np.ndarray, batch_size: int = 32, seed: int = 0) -> np.ndarray:
-    """decode(posterior sample of encode(x)), clipped to [-1, 1], in fixed-size batches."""
-    graphdef, state = nnx.split(run.state.eval_model("autoencoder"))
-
-    @jax.jit
-    def fn(state, x, key):
-        ae = nnx.merge(graphdef, state)
-        return jnp.clip(ae.decode(ae.encode(x).sample(key)), -1.0, 1.0)
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        pad = batch_size - len(x)
-        x = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
-        y = fn(state, jnp.asarray(x), jax.random.fold_in(jax.random.key(seed), start))
-        out.append(np.asarray(y)[:batch_size - pad])
-    return np.concatenate(out)
 
 
 def main() -> None:
@@ -94,7 +72,7 @@ def main() -> None:
     for sigma in (0.02, 0.05):
         add(f"real cells + N(0, {sigma}) noise", real + rng.normal(0, sigma, real.shape))
     for arg, run in loaded:
-        rec = round_trip(run, real, seed=args.seed)
+        rec = morphdiff_sample.reconstruct(run, real, seed=args.seed)
         a = run.config.autoencoder
         start = run.config.loss.disc_start
         gan = f"GAN from step {start}" if run.step > start else "L1 only, no GAN yet"

@@ -69,6 +69,12 @@ def _reconstruct(task, graphdef, state, images, rng):
     return task.decode(train_state, task.encode(train_state, images, rng))
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _ae_round_trip(graphdef, state, images, rng):
+    ae = nnx.merge(graphdef, state)
+    return jnp.clip(ae.decode(ae.encode(images).sample(rng)), -1.0, 1.0)
+
+
 def _batched(fn, arrays: list[np.ndarray], batch_size: int, seed: int) -> np.ndarray:
     """fn(*batch, rng) over fixed-size batches (the last padded): one compile for all."""
     n, out = len(arrays[0]), []
@@ -111,10 +117,16 @@ def generate_i2i(run: Run, images: np.ndarray, expression: np.ndarray, *, seed: 
 def reconstruct(run: Run, images: np.ndarray, *, seed: int = 0,
                 batch_size: int = 32) -> np.ndarray:
     """decode(posterior sample of encode(images)): the frozen autoencoder's round trip, the best
-    any latent the diffusion model generates can look (the "rFID" of latent-diffusion papers)."""
-    check_run(run)
-    graphdef, state = nnx.split(run.state)
-    fn = functools.partial(_reconstruct, run.task, graphdef, state)
+    any latent the diffusion model generates can look (the "rFID" of latent-diffusion papers).
+    `run` is a diffusion run or, to check a first stage before training on it, an autoencoder
+    run."""
+    if run.config.task == "morphdiff_autoencoder":
+        graphdef, state = nnx.split(run.state.eval_model("autoencoder"))
+        fn = functools.partial(_ae_round_trip, graphdef, state)
+    else:
+        check_run(run)
+        graphdef, state = nnx.split(run.state)
+        fn = functools.partial(_reconstruct, run.task, graphdef, state)
     return _batched(fn, [np.asarray(images, np.float32)], batch_size, seed)
 
 

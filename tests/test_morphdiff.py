@@ -267,6 +267,15 @@ def test_g2i_and_i2i_shapes_range_and_strength_zero_reconstruction(runs, ldm_run
     expected = np.clip(np.asarray(ae.decode(z)), -1.0, 1.0)
     assert again[0].shape == images.shape
     np.testing.assert_allclose(again[0], expected, atol=1e-4)
+    # The round trip: from the diffusion run (latents scaled and unscaled) or from the
+    # autoencoder run itself, the same decode(posterior sample) for the same seed.
+    from_ldm = morphdiff_sample.reconstruct(ldm_run, images, seed=3, batch_size=2)
+    from_ae = morphdiff_sample.reconstruct(load_run(runs["ae"]), images, seed=3, batch_size=2)
+    posterior_sample = ae.encode(jnp.asarray(images)).sample(jax.random.fold_in(
+        jax.random.key(3), 0))
+    expected = np.clip(np.asarray(ae.decode(posterior_sample)), -1.0, 1.0)
+    np.testing.assert_allclose(from_ldm, expected, atol=1e-4)
+    np.testing.assert_allclose(from_ae, expected, atol=1e-4)
 
 
 def test_sample_cli_writes_grids_and_arrays(runs, ldm_run, tmp_path, capsys):
