@@ -74,10 +74,12 @@ def main() -> None:
     for arg, run in loaded:
         rec = morphdiff_sample.reconstruct(run, real, seed=args.seed)
         a = run.config.autoencoder
-        start = run.config.loss.disc_start
-        gan = f"GAN from step {start}" if run.step > start else "L1 only, no GAN yet"
+        loss = run.config.loss
+        losses = ["L1"] + ([] if loss.perceptual == "none" else [loss.perceptual])
+        if run.step > loss.disc_start:
+            losses.append(f"GAN from step {loss.disc_start}")
         name = (f"`{arg}` round trip (step {run.step}, ch_mult {tuple(a.ch_mult)}, "
-                f"z {a.z_channels}, {gan})")
+                f"z {a.z_channels}, {' + '.join(losses)})")
         add(name, rec, float(np.abs(rec - real).mean()))
 
     lines = ["# MorphDiff stage 1: autoencoder round trip vs real cells (classical features)", "",
