@@ -18,7 +18,7 @@ import os
 import numpy as np
 import scipy.ndimage as ndi
 
-from morphjax import impa_eval, metrics, morphdiff_sample
+from morphjax import impa_eval, morphdiff_sample
 from morphjax.runs import load_run
 from morphjax.train import morphdiff as md
 
@@ -42,35 +42,39 @@ def main() -> None:
         loaded.append((arg, run))
     first = loaded[0][1]
     spec, size = first.task.spec, first.config.data.image_size
-    source = md.open_split(spec.dataset_dir, first.config.data.eval_split)
-    if len(source) < 2 * args.cells:
-        raise ValueError(f"--cells {args.cells}: the evaluation split has {len(source)} cells, "
+    split = first.config.data.eval_split
+    available = len(md.open_split(spec.dataset_dir, split))
+    if available < 2 * args.cells:
+        raise ValueError(f"--cells {args.cells}: the evaluation split has {available} cells, "
                          f"fewer than the 2 x {args.cells} needed")
     rng = np.random.default_rng(args.seed)
-    pick = rng.choice(len(source), 2 * args.cells, replace=False)
-    cells = np.stack([md.to_model_space(source[int(i)]["image"], spec.channel_index, size)
-                      for i in pick])
+    cells = morphdiff_sample.read_cells(first, split,
+                                        rng.choice(available, 2 * args.cells, replace=False))
     real, other = cells[:args.cells], cells[args.cells:]
 
     extractor = impa_eval.feature_extractors(first, ["classical"])["classical"]
-    features = {"real": impa_eval.extract(extractor, real)}
-    features["other"] = impa_eval.extract(extractor, other)
-    projection = impa_eval.Projection(np.concatenate([features["real"], features["other"]]),
-                                      args.dims)
-    reference = projection(features["real"])
+    real_features = impa_eval.extract(extractor, real)
+    other_features = impa_eval.extract(extractor, other)
+    projection = impa_eval.Projection(np.concatenate([real_features, other_features]), args.dims)
+    reference = projection(real_features)
 
     rows = []
 
-    def add(name: str, images: np.ndarray, l1: float | None = None) -> None:
-        f = projection(impa_eval.extract(extractor, np.clip(images, -1.0, 1.0)))
-        kid, _ = metrics.kid(reference, f, subsets=50, subset_size=len(f) // 2, seed=args.seed)
-        rows.append((name, l1, float(metrics.fid(reference, f)), float(kid)))
-        print(f"{name}: FID {rows[-1][2]:.1f}", flush=True)
+    def add(name: str, features: np.ndarray, l1: float | None = None) -> None:
+        scores = impa_eval.distribution_metrics(reference, projection(features), k=5,
+                                                seed=args.seed)
+        rows.append((name, l1, scores))
+        print(f"{name}: FID {scores['fid']:.1f}", flush=True)
 
-    add("other real cells", other)
-    add("real cells, Gaussian blur sigma 0.5 px", ndi.gaussian_filter(real, (0, 0.5, 0.5, 0)))
+    def features_of(images: np.ndarray) -> np.ndarray:
+        return impa_eval.extract(extractor, np.clip(images, -1.0, 1.0))
+
+    add("other real cells", other_features)
+    add("real cells, Gaussian blur sigma 0.5 px",
+        features_of(ndi.gaussian_filter(real, (0, 0.5, 0.5, 0))))
     for sigma in (0.02, 0.05):
-        add(f"real cells + N(0, {sigma}) noise", real + rng.normal(0, sigma, real.shape))
+        add(f"real cells + N(0, {sigma}) noise",
+            features_of(real + rng.normal(0, sigma, real.shape)))
     for arg, run in loaded:
         rec = morphdiff_sample.reconstruct(run, real, seed=args.seed)
         a = run.config.autoencoder
@@ -80,7 +84,7 @@ def main() -> None:
             losses.append(f"GAN from step {loss.disc_start}")
         name = (f"`{arg}` round trip (step {run.step}, ch_mult {tuple(a.ch_mult)}, "
                 f"z {a.z_channels}, {' + '.join(losses)})")
-        add(name, rec, float(np.abs(rec - real).mean()))
+        add(name, features_of(rec), float(np.abs(rec - real).mean()))
 
     lines = ["# MorphDiff stage 1: autoencoder round trip vs real cells (classical features)", "",
              f"Command: `python experiments/morphdiff_autoencoder_check.py {' '.join(args.runs)}`",
@@ -91,10 +95,11 @@ def main() -> None:
              f"{args.dims} PCA dimensions fitted on the real cells, as in the evaluation. "
              "L1 is the mean absolute round-trip error in [-1, 1]. KID is the unbiased "
              "polynomial-kernel MMD^2 (as torch-fidelity), negative when the "
-             "two sets are closer than their sampling noise.", "",
-             "| cells | L1 | FID | KID |", "|---|---:|---:|---:|"]
-    for name, l1, fid, kid in rows:
-        lines.append(f"| {name} | {'' if l1 is None else f'{l1:.4f}'} | {fid:.1f} | {kid:.4g} |")
+             "two sets are closer than their sampling noise. Coverage: k = 5.", "",
+             "| cells | L1 | FID | KID | coverage |", "|---|---:|---:|---:|---:|"]
+    for name, l1, m in rows:
+        lines.append(f"| {name} | {'' if l1 is None else f'{l1:.4f}'} | {m['fid']:.1f} | "
+                     f"{m['kid']:.4g} | {m['coverage']:.3f} |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "morphdiff_autoencoder_check_cpu.md")
     with open(path, "w") as f:
