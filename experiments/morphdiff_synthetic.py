@@ -104,7 +104,8 @@ def main() -> None:
              "baseline). "
              "Lower FID / "
              "KID / MMD is better; strong = controls-vs-real FID at or above the group's "
-             "`eval.strong_quantile`.", ""]
+             "`eval.strong_quantile`. Real cells: the test split for seen perturbations, "
+             "every split for unseen ones (held out of both stages).", ""]
     for space, entry in result["feature_spaces"].items():
         lines += [f"## Feature space: {space} ({entry['label']})", "",
                   morphdiff_eval.summary_table(result, space), ""]
@@ -115,6 +116,11 @@ def main() -> None:
                   f"{v['std']:.3f} |" for k, v in result["inception_score"].items()] + [""]
     for space, why in result["skipped_spaces"].items():
         lines += [f"Feature space {space} skipped: {why}.", ""]
+    lines += ["## Does the U-Net use the expression vector? (conditioning gain)", "",
+              "Denoising L1 loss of the evaluated real cells' cached latents (4 noisings each, t "
+              "uniform) under a random control's expression context minus under their own, "
+              "same noise: 0 = the condition is ignored.", "",
+              morphdiff_eval.gain_table(result), ""]
     lines += ["## Retrieval of real profiles (classical, z-scored on controls)", "",
               "Labels: moa, else complex (genetic), else first target gene (compounds).", "",
               morphdiff_eval.retrieval_table(result), "", "## Sample grids (control | generated "

@@ -1,7 +1,8 @@
 """Evaluation of MorphDiff runs (morphdiff.txt, Fig. 3/4 and "Evaluation setup").
 
-For every treated perturbation with real test cells (seen and unseen / OOD), `evaluate_run`
-compares against `n` real test cells of that perturbation:
+For every treated perturbation with real held-out cells (seen and unseen / OOD), `evaluate_run`
+compares against `n` real cells of that perturbation: from the test split for seen ones, from
+every split for unseen ones, which neither stage trained on:
 
 * `g2i`: `n` cells generated from the perturbation's expression vector (DDIM from noise);
 * `i2i`: `n` random test-split control cells transformed under that vector (SDEdit);
@@ -30,17 +31,26 @@ between DeepProfiler embeddings). A hit shares the label: `moa` when annotated, 
 (genetic perturbations), else the first `target_gene` (compounds) -- the synthetic screens
 annotate few MoAs. Top-k accuracy (a hit among the k nearest), interpolated mAP and folds of
 enrichment at the top 10% (metrics/retrieval.py), for real-as-query and the random expectation.
+
+Conditioning gain (`conditioning_gain`): the denoising loss of the same real cells' latents under
+a control's expression context minus under their own, with the same noise. It says whether the
+U-Net uses the expression vector at all, which no image metric separates from decoder effects.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from morphjax import impa_eval, metrics
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from morphjax import diffusion, impa_eval, metrics
 from morphjax import morphdiff_sample as mds
 from morphjax.io import atomic_write_json
 from morphjax.runs import Run, load_run
@@ -301,6 +311,83 @@ def _impa_cells(impa_workdir: str, run: Run, names: list[str], owner: np.ndarray
     return out, known
 
 
+# -- does the LDM use its condition? -------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _paired_losses(task, graphdef, state, moments, expression, baseline, rng):
+    """Per-example denoising losses of the same noised latents (same t, same noise) under the
+    cells' own expression context and under `baseline` contexts: (B, 2)."""
+    ldm = nnx.merge(graphdef, state).eval_model("ldm")
+    z = jnp.split(moments, 2, axis=-1)[0] * ldm.scale_factor.get_value()  # Posterior means.
+    loss = task.config.loss
+
+    def per_example(e):
+        _, aux = diffusion.diffusion_loss(ldm.denoise, task.schedule, z, task.context(ldm, e),
+                                          rng, parameterization=loss.parameterization,
+                                          loss_type=loss.loss_type)
+        return aux["loss_per_example"]
+
+    return jnp.stack([per_example(expression), per_example(baseline)], axis=-1)
+
+
+def conditioning_gain(run: Run, cells: pd.DataFrame, *, repeats: int = 4, seed: int = 0,
+                      batch_size: int = 64) -> pd.DataFrame:
+    """How much the trained U-Net's denoising relies on the expression vector.
+
+    For each row of `cells` (cells.csv rows: split, split_index, perturbation_id), the cached
+    latent is noised `repeats` times (t uniform, as in training) and denoised twice with the same
+    noise: with its perturbation's context and with a random control's. `gain` = loss under the
+    control context - loss under its own. A U-Net that ignores the condition has gain 0 exactly;
+    a positive gain means the expression vector tells it about the cell, which is what G2I and
+    I2I need. Returns one row per cell and repeat: cell (row of `cells`), perturbation_id,
+    repeat, loss, loss_control_context, gain.
+    """
+    mds.check_run(run)
+    task, spec = run.task, run.task.spec
+    controls = np.flatnonzero(spec.is_control)
+    if not controls.size:
+        raise ValueError(f"{spec.dataset_dir} has no control perturbation to compare with")
+    moments, ids = [], []
+    for split, group in cells.groupby("split", sort=True):
+        cache = task.latent_cache(split)
+        for i in group["split_index"].to_numpy():
+            item = cache[int(i)]
+            moments.append(item["moments"])
+            ids.append(int(item["perturbation_id"]))
+    moments, ids = np.stack(moments).astype(np.float32), np.asarray(ids)
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(run.state)
+    fn = functools.partial(_paired_losses, task, graphdef, state)
+    rows = []
+    for r in range(repeats):
+        baseline = rng.choice(controls, len(ids))
+        losses = mds.map_batches(fn, [moments, spec.expression[ids], spec.expression[baseline]],
+                                 batch_size, seed * 1000 + r)
+        rows.append(pd.DataFrame({"cell": np.arange(len(ids)), "perturbation_id": ids,
+                                  "repeat": r, "loss": losses[:, 0],
+                                  "loss_control_context": losses[:, 1]}))
+    out = pd.concat(rows, ignore_index=True)
+    out["gain"] = out["loss_control_context"] - out["loss"]
+    return out
+
+
+def summarize_gain(gains: pd.DataFrame, groups: dict[str, Sequence[int]]) -> dict:
+    """Mean gain, its standard error over cells and the gain relative to the control-context
+    loss, per group of perturbation ids."""
+    out = {}
+    for name, members in groups.items():
+        g = gains[gains["perturbation_id"].isin(list(members))]
+        if not len(g):
+            continue
+        per_cell = g.groupby("cell")["gain"].mean()
+        out[name] = {"n_perturbations": int(g["perturbation_id"].nunique()),
+                     "cells": int(len(per_cell)), "gain": float(g["gain"].mean()),
+                     "gain_se": float(per_cell.std(ddof=1) / np.sqrt(len(per_cell)))
+                     if len(per_cell) > 1 else float("nan"),
+                     "relative_gain": float(g["gain"].mean() / g["loss_control_context"].mean())}
+    return out
+
+
 # -- the evaluation ------------------------------------------------------------------------------
 
 def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classical",),
@@ -322,12 +409,16 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
     c, spec = run.config, run.task.spec
     n_max = int(samples_per_perturbation or c.eval.samples_per_perturbation)
     names = spec.perturbations["perturbation"].astype(str).tolist()
-    test = spec.split_rows(c.data.eval_split)
-    counts = np.bincount(test["perturbation_id"], minlength=len(names))
+    seen = set(int(p) for p in spec.seen)
+    # Real cells of seen perturbations come from the test split; unseen ones were in neither
+    # stage's training, so all their cells, in every split, are held out and drawn from.
+    cells = spec.cells
+    pool = cells[(cells["split"] == c.data.eval_split)
+                 | np.isin(cells["perturbation_id"], spec.unseen)]
+    counts = np.bincount(pool["perturbation_id"], minlength=len(names))
     targets = [int(p) for p in np.concatenate([spec.seen, spec.unseen]) if counts[p] >= 2]
     if not targets:
         raise ValueError(f"no treated perturbation has >= 2 cells in split {c.data.eval_split!r}")
-    seen = set(int(p) for p in spec.seen)
     rng = np.random.default_rng(seed)
     if max_seen is not None:
         seen_targets = [p for p in targets if p in seen]
@@ -335,14 +426,18 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
                    .tolist()) if seen_targets else set()
         targets = [p for p in targets if p not in seen or p in keep]
 
-    # Real cells (test split), control cells, generated cells: one flat array each.
-    real, owner = [], []
+    # Real cells, control cells, generated cells: one flat array each.
+    real, owner, picked = [], [], []
     for p in targets:
-        pool = test.loc[test["perturbation_id"] == p, "split_index"].to_numpy()
-        pick = rng.choice(pool, min(n_max, pool.size), replace=False)
-        real.append(mds.read_cells(run, c.data.eval_split, pick))
+        mine = pool[pool["perturbation_id"] == p]
+        pick = mine.iloc[np.sort(rng.choice(len(mine), min(n_max, len(mine)), replace=False))]
+        real.append(np.concatenate([mds.read_cells(run, split, group["split_index"].to_numpy())
+                                    for split, group in pick.groupby("split", sort=True)]))
         owner.append(np.full(len(pick), p))
+        picked.append(pick)
     owner = np.concatenate(owner)
+    print(f"conditioning gain: {len(owner)} real cells' latents")
+    gains = conditioning_gain(run, pd.concat(picked), seed=seed)
     images = {"real": np.concatenate(real)}
     del real
     images["controls"] = mds.control_cells(run, len(owner), seed)
@@ -414,6 +509,12 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
     if inception_logits is not None:
         result["inception_score"] = inception_scores(inception_logits, images)
 
+    groups = {"all": targets, "seen": [p for p in targets if p in seen],
+              "unseen": [p for p in targets if p not in seen]}
+    result["conditioning_gain"] = {
+        "summary": summarize_gain(gains, groups),
+        "per_perturbation": {names[p]: float(g["gain"].mean())
+                             for p, g in gains.groupby("perturbation_id")}}
     result["run"] = {"workdir": run.workdir, "step": run.step, "preset": c.get("preset"),
                      "dataset": c.data.path, "samples_per_perturbation": n_max,
                      "modes": list(modes), "impa_workdir": impa_workdir,
@@ -485,6 +586,17 @@ def summary_table(result: dict, space: str = "classical") -> str:
                 continue
             text = ["" if v is None else f"{v:.4g}" for v in cells]
             lines.append(f"| {label} | {metric} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def gain_table(result: dict) -> str:
+    """Markdown: the conditioning gain per group (see `conditioning_gain`)."""
+    lines = ["| group | perturbations | cells | loss gain from the expression context | "
+             "standard error | relative to the control-context loss |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for group, g in result["conditioning_gain"]["summary"].items():
+        lines.append(f"| {group} | {g['n_perturbations']} | {g['cells']} | {g['gain']:.3g} | "
+                     f"{g['gain_se']:.2g} | {100 * g['relative_gain']:.2f}% |")
     return "\n".join(lines)
 
 

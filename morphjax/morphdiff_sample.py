@@ -75,7 +75,7 @@ def _ae_round_trip(graphdef, state, images, rng):
     return jnp.clip(ae.decode(ae.encode(images).sample(rng)), -1.0, 1.0)
 
 
-def _batched(fn, arrays: list[np.ndarray], batch_size: int, seed: int) -> np.ndarray:
+def map_batches(fn, arrays: list[np.ndarray], batch_size: int, seed: int) -> np.ndarray:
     """fn(*batch, rng) over fixed-size batches (the last padded): one compile for all."""
     n, out = len(arrays[0]), []
     key = jax.random.key(seed)
@@ -95,7 +95,7 @@ def generate_g2i(run: Run, expression: np.ndarray, *, seed: int = 0, steps: int 
     graphdef, state = nnx.split(run.state)
     steps = int(steps or run.config.sample.ddim_steps)
     fn = functools.partial(_g2i, run.task, graphdef, steps, state)
-    return _batched(fn, [np.asarray(expression, np.float32)], batch_size, seed)
+    return map_batches(fn, [np.asarray(expression, np.float32)], batch_size, seed)
 
 
 def generate_i2i(run: Run, images: np.ndarray, expression: np.ndarray, *, seed: int = 0,
@@ -110,7 +110,7 @@ def generate_i2i(run: Run, images: np.ndarray, expression: np.ndarray, *, seed: 
     strength = float(s.i2i_strength if strength is None else strength)
     steps = int(steps or s.i2i_steps)
     fn = functools.partial(_i2i, run.task, graphdef, steps, strength, state)
-    return _batched(fn, [np.asarray(images, np.float32), np.asarray(expression, np.float32)],
+    return map_batches(fn, [np.asarray(images, np.float32), np.asarray(expression, np.float32)],
                     batch_size, seed)
 
 
@@ -127,7 +127,7 @@ def reconstruct(run: Run, images: np.ndarray, *, seed: int = 0,
         check_run(run)
         graphdef, state = nnx.split(run.state)
         fn = functools.partial(_reconstruct, run.task, graphdef, state)
-    return _batched(fn, [np.asarray(images, np.float32)], batch_size, seed)
+    return map_batches(fn, [np.asarray(images, np.float32)], batch_size, seed)
 
 
 def control_cells(run: Run, n: int, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,7 @@
 """MorphDiff two-stage training: AE -> cached latents -> LDM, adaptive GAN weight, sharded step,
 G2I / I2I sampling, errors, schedules and the paper presets (morphdiff.txt Methods; notes 1, 2)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from flax import nnx
 
 from morphjax import cli
 from morphjax import config as cfg
+from morphjax import diffusion
 from morphjax import latents
 from morphjax import morphdiff_eval
 from morphjax import morphdiff_sample
@@ -312,8 +314,62 @@ def test_evaluate_run_compares_every_kind_and_writes_tables(runs, tmp_path):
     header = morphdiff_eval.summary_table(result).splitlines()[0]
     assert header == ("| group | metric | G2I | I2I | AE round trip | controls via AE "
                       "| controls |")
+    gain = result["conditioning_gain"]
+    cells = sum(info["real_cells"] for info in targets.values())
+    assert set(gain["summary"]) == {"all", "seen"} and gain["summary"]["all"]["cells"] == cells
+    assert morphdiff_eval.gain_table(result).count("\n") == 3
     with open(out / "metrics.json") as f:
         assert json.load(f)["run"]["step"] == 6
+
+
+def test_conditioning_gain_pairs_noise_and_is_zero_without_a_condition(runs, ldm_run,
+                                                                       monkeypatch):
+    spec = ldm_run.task.spec
+    rows = spec.training_rows("test")
+    rows = rows[~spec.is_control[rows["perturbation_id"]]].iloc[:10]
+    gains = morphdiff_eval.conditioning_gain(ldm_run, rows, repeats=2, seed=3, batch_size=8)
+    assert len(gains) == 20 and gains["repeat"].tolist() == [0] * 10 + [1] * 10
+    ids = rows["perturbation_id"].to_numpy()
+    np.testing.assert_array_equal(gains["perturbation_id"][:10], ids)
+    np.testing.assert_allclose(gains["gain"], gains["loss_control_context"] - gains["loss"])
+
+    # The first batch re-derived from the ArrayRecord cache: posterior means x scale factor,
+    # the denoising loss with the batch's key and the cells' own expression.
+    record, _ = cache_files(runs["ae"], "test")
+    moments = read_records(record, rows["split_index"].to_numpy()[:8])
+    ldm = ldm_run.state.eval_model("ldm")
+    z = np.split(moments, 2, axis=-1)[0] * float(ldm.scale_factor.get_value())
+    key = jax.random.fold_in(jax.random.key(3 * 1000), 0)
+    loss = ldm_run.config.loss
+    _, aux = diffusion.diffusion_loss(ldm.denoise, ldm_run.task.schedule, jnp.asarray(z),
+                                      ldm.context(jnp.asarray(spec.expression[ids[:8]])), key,
+                                      parameterization=loss.parameterization,
+                                      loss_type=loss.loss_type)
+    np.testing.assert_allclose(gains["loss"][:8], aux["loss_per_example"], rtol=1e-5)
+
+    summary = morphdiff_eval.summarize_gain(gains, {"a": ids[:1], "b": ids})
+    assert summary["b"]["cells"] == 10 and summary["b"]["gain"] == pytest.approx(
+        gains["gain"].mean())
+    per_cell = gains.groupby("cell")["gain"].mean()
+    assert summary["b"]["gain_se"] == pytest.approx(per_cell.std(ddof=1) / np.sqrt(10))
+
+    # The 6-step U-Net's zero-initialised layers (~1e-6 now) hide the context; random ones make
+    # it matter. Then the gain is non-zero, and exactly 0 once every perturbation has the
+    # controls' vector (the two contexts are equal).
+    params = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(ldm, nnx.Param)))
+    rng = np.random.default_rng(0)
+    nnx.update(ldm, jax.tree.map(
+        lambda a: a if np.abs(a).max() > 1e-4 else 0.1 * rng.standard_normal(a.shape).astype(
+            a.dtype), params))
+    try:
+        reading = morphdiff_eval.conditioning_gain(ldm_run, rows, repeats=1, seed=3, batch_size=8)
+        assert np.abs(reading["gain"]).min() > 0
+        same = np.repeat(spec.expression[spec.is_control][:1], len(spec.expression), axis=0)
+        monkeypatch.setattr(ldm_run.task, "spec", dataclasses.replace(spec, expression=same))
+        flat = morphdiff_eval.conditioning_gain(ldm_run, rows, repeats=1, seed=3, batch_size=8)
+        np.testing.assert_array_equal(flat["gain"], 0.0)
+    finally:
+        nnx.update(ldm, params)
 
 
 # -- 6. errors -----------------------------------------------------------------------------------
