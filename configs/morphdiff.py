@@ -68,7 +68,10 @@ PRESETS = {
         conditioning=dict(num_tokens=64),
         # Without the GAN the L1-only decoder is smooth and misses the crops' texture: on 256
         # test cells its classical-feature FID to real cells was 1535 at step 2000 (L1-only)
-        # and 280 at step 4000 (GAN from 2500); real vs real cells: 25.
+        # and 280 at step 4000 (GAN from 2500); real vs real cells: 25. Without downsampling
+        # (`autoencoder.ch_mult=(1,)`, z 8: 32x32x8 latents, the paper's 4 px per latent pixel
+        # at our 3x coarser crops) the L1-only round trip reaches 87 at step 3000, but the
+        # U-Net then costs ~16x more per step (experiments/morphdiff_autoencoder_check.py).
         loss=dict(perceptual="none", disc_start=2500),
         sample=dict(ddim_steps=50),
         stage=dict(
