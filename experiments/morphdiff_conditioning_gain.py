@@ -39,10 +39,9 @@ def main() -> None:
     for arg in args.runs:
         workdir, _, step = arg.partition(":")
         run = load_run(workdir, step=int(step) if step else None)
-        spec, split = run.task.spec, run.config.data.eval_split
-        cells = spec.cells
-        pool = cells[((cells["split"] == split) & np.isin(cells["perturbation_id"], spec.seen))
-                     | np.isin(cells["perturbation_id"], spec.unseen)]
+        spec = run.task.spec
+        pool = morphdiff_eval.held_out_cells(spec, run.config.data.eval_split)
+        pool = pool[~spec.is_control[pool["perturbation_id"]]]
         if len(pool) < args.cells:
             raise ValueError(f"{workdir}: {len(pool)} held-out treated cells, fewer than "
                              f"--cells {args.cells}")

@@ -388,6 +388,13 @@ def summarize_gain(gains: pd.DataFrame, groups: dict[str, Sequence[int]]) -> dic
     return out
 
 
+def held_out_cells(spec, eval_split: str) -> pd.DataFrame:
+    """cells.csv rows no stage trained on: `eval_split` (controls and seen perturbations), and
+    every split of the unseen perturbations, which both stages left out."""
+    cells = spec.cells
+    return cells[(cells["split"] == eval_split) | np.isin(cells["perturbation_id"], spec.unseen)]
+
+
 # -- the evaluation ------------------------------------------------------------------------------
 
 def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classical",),
@@ -410,11 +417,7 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
     n_max = int(samples_per_perturbation or c.eval.samples_per_perturbation)
     names = spec.perturbations["perturbation"].astype(str).tolist()
     seen = set(int(p) for p in spec.seen)
-    # Real cells of seen perturbations come from the test split; unseen ones were in neither
-    # stage's training, so all their cells, in every split, are held out and drawn from.
-    cells = spec.cells
-    pool = cells[(cells["split"] == c.data.eval_split)
-                 | np.isin(cells["perturbation_id"], spec.unseen)]
+    pool = held_out_cells(spec, c.data.eval_split)
     counts = np.bincount(pool["perturbation_id"], minlength=len(names))
     targets = [int(p) for p in np.concatenate([spec.seen, spec.unseen]) if counts[p] >= 2]
     if not targets:
