@@ -43,11 +43,10 @@ import functools
 import os
 from collections.abc import Sequence
 
-import numpy as np
-import pandas as pd
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pandas as pd
 from flax import nnx
 
 from morphjax import diffusion, impa_eval, metrics
