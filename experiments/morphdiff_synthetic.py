@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--eval-dir", default=None, help="default LDM_WORKDIR/evaluation")
     parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default the run's; MorphDiff: 1); "
+                             "needs an LDM trained with loss.cond_drop_prob > 0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not os.path.isdir(args.data):
@@ -69,19 +72,19 @@ def main() -> None:
                     autoencoder=args.ae_workdir)
 
     from morphjax import morphdiff_eval, morphdiff_sample  # noqa: PLC0415
-    from morphjax.runs import load_run  # noqa: PLC0415
 
     eval_dir = args.eval_dir or os.path.join(args.ldm_workdir, "evaluation")
     modes = tuple(m for m in args.modes.split(",") if m)
     result = morphdiff_eval.evaluate_run(
         args.ldm_workdir, eval_dir, cpcnn_run=args.cpcnn_run,
         inception_weights=args.inception_weights, samples_per_perturbation=args.samples,
-        modes=modes, seed=args.seed, impa_workdir=args.impa_workdir, max_seen=args.max_seen)
+        modes=modes, seed=args.seed, impa_workdir=args.impa_workdir, max_seen=args.max_seen,
+        guidance_scale=args.guidance)
 
     per = result["feature_spaces"]["classical"]["per_perturbation"]
     unseen = [p for p in per if not result["perturbations"][p]["seen"]]
     strongest = sorted(unseen, key=lambda p: -per[p]["metrics"]["controls"]["fid"])[:3]
-    run = load_run(args.ldm_workdir)
+    run = morphdiff_sample.load(args.ldm_workdir, args.guidance)
     grids = []
     for p in strongest:
         for mode in modes:

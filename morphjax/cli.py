@@ -233,6 +233,9 @@ def _parse_args(argv):
                         help="MorphDiff: gene-to-image from noise, or image-to-image from controls")
     sample.add_argument("--strength", type=float, default=None,
                         help="MorphDiff i2i: SDEdit strength in [0, 1] (default 0.55)")
+    sample.add_argument("--guidance", type=float, default=None,
+                        help="MorphDiff: classifier-free guidance scale (default the config's, 1: "
+                             "none); needs a run trained with loss.cond_drop_prob > 0")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output directory (default WORKDIR/samples_cli)")
 
@@ -572,9 +575,14 @@ def _sample(args) -> int:
     out = args.out or os.path.join(args.workdir, "samples_cli")
     if run.config.task == "morphdiff_ldm":
         from morphjax import morphdiff_sample
+        if args.guidance is not None:
+            run = morphdiff_sample.load(args.workdir, args.guidance)
         paths = morphdiff_sample.sample(run, args.perturbation, out, mode=args.mode, n=args.n,
                                         strength=args.strength, steps=args.steps, seed=args.seed)
     else:
+        if args.guidance is not None:
+            raise SystemExit(f"--guidance applies to MorphDiff runs; {args.workdir} is a "
+                             f"{run.config.task!r} run")
         paths = predict.sample(run, args.perturbation, out, n=args.n,
                                from_controls=args.from_controls,
                                interpolate_to=args.interpolate_to, steps=args.steps or 8,

@@ -401,17 +401,18 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
                  samples_per_perturbation: int | None = None,
                  modes: Sequence[str] = ("g2i", "i2i"), seed: int = 0,
                  impa_workdir: str | None = None, pca_dims: int = 32,
-                 max_seen: int | None = None) -> dict:
+                 max_seen: int | None = None, guidance_scale: float | None = None) -> dict:
     """Evaluates a MorphDiff diffusion run on its test split; writes metrics.json, results.csv.
 
     Every unseen perturbation is evaluated; `max_seen` caps the seen ones (a random subset drawn
     with `seed`), since G2I/I2I sampling is the cost of an evaluation on a CPU.
+    `guidance_scale` (default the run's `sample.guidance_scale`) samples with classifier-free
+    guidance; MorphDiff samples without (scale 1).
     """
     bad = [m for m in modes if m not in mds.MODES]
     if bad or not modes:
         raise ValueError(f"modes {list(modes)} must be a non-empty subset of {mds.MODES}")
-    run = load_run(workdir)
-    mds.check_run(run)
+    run = mds.load(workdir, guidance_scale)
     c, spec = run.config, run.task.spec
     n_max = int(samples_per_perturbation or c.eval.samples_per_perturbation)
     names = spec.perturbations["perturbation"].astype(str).tolist()
@@ -519,7 +520,8 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
                              for p, g in gains.groupby("perturbation_id")}}
     result["run"] = {"workdir": run.workdir, "step": run.step, "preset": c.get("preset"),
                      "dataset": c.data.path, "samples_per_perturbation": n_max,
-                     "modes": list(modes), "impa_workdir": impa_workdir,
+                     "modes": list(modes), "guidance_scale": c.sample.guidance_scale,
+                     "impa_workdir": impa_workdir,
                      "cpcnn_run": cpcnn_run}
     os.makedirs(out_dir, exist_ok=True)
     pd.DataFrame(rows).to_csv(os.path.join(out_dir, "results.csv"), index=False)

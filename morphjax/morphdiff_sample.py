@@ -20,7 +20,7 @@ from flax import nnx
 
 from morphjax.io import atomic_write_bytes
 from morphjax.logging import save_image_rows
-from morphjax.runs import Run
+from morphjax.runs import Run, load_run
 from morphjax.train import impa as impa_task
 from morphjax.train import morphdiff as md
 
@@ -28,9 +28,23 @@ MODES = ("g2i", "i2i")
 
 
 def check_run(run: Run) -> None:
-    if run.config.task != "morphdiff_ldm":
-        raise ValueError(f"{run.workdir} is a {run.config.task!r} run; MorphDiff sampling needs "
+    c = run.config
+    if c.task != "morphdiff_ldm":
+        raise ValueError(f"{run.workdir} is a {c.task!r} run; MorphDiff sampling needs "
                          "the diffusion stage (configs/morphdiff.py:PRESET)")
+    if c.sample.guidance_scale != 1.0 and c.loss.cond_drop_prob <= 0:
+        raise ValueError(f"guidance scale {c.sample.guidance_scale} needs a run trained with "
+                         f"condition dropout, but {run.workdir} has loss.cond_drop_prob = "
+                         f"{c.loss.cond_drop_prob}: its unconditional prediction is untrained. "
+                         "Use guidance 1, or train with --set loss.cond_drop_prob=0.1")
+
+
+def load(workdir: str, guidance_scale: float | None = None) -> Run:
+    """A MorphDiff diffusion run, optionally sampled with classifier-free guidance."""
+    overrides = {} if guidance_scale is None else {"sample.guidance_scale": float(guidance_scale)}
+    run = load_run(workdir, overrides=overrides)
+    check_run(run)
+    return run
 
 
 def perturbation_index(run: Run, name: str) -> int:

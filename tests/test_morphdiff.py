@@ -372,6 +372,33 @@ def test_conditioning_gain_pairs_noise_and_is_zero_without_a_condition(runs, ldm
         nnx.update(ldm, params)
 
 
+def test_guidance_zero_ignores_the_expression_and_needs_condition_dropout(runs):
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        morphdiff_sample.load(runs["ldm"], 2.0)
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        cli.main(["sample", "--workdir", runs["ldm"], "--perturbation", runs["perturbation"],
+                  "--guidance", "2"])
+    # Scale 0 is the unconditional model (the null context): two expression sets, one output.
+    # Scale 1 is the conditional one: random weights in the zero-initialised layers make the
+    # context matter, so the same two sets differ.
+    spec, outputs = None, {}
+    for scale in (0.0, 1.0):
+        run = load_run(runs["ldm"], overrides={"loss.cond_drop_prob": 0.1,
+                                               "sample.guidance_scale": scale})
+        ldm = run.state.eval_model("ldm")
+        params = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(ldm, nnx.Param)))
+        rng = np.random.default_rng(0)
+        nnx.update(ldm, jax.tree.map(
+            lambda a: a if np.abs(a).max() > 1e-4 else 0.1 * rng.standard_normal(a.shape).astype(
+                a.dtype), params))
+        spec = run.task.spec
+        expression = spec.expression[~spec.is_control][:2]
+        outputs[scale] = [morphdiff_sample.generate_g2i(run, e, seed=0, steps=2)
+                          for e in (expression, expression[::-1])]
+    np.testing.assert_array_equal(*outputs[0.0])
+    assert np.abs(outputs[1.0][0] - outputs[1.0][1]).max() > 1e-3
+
+
 # -- 6. errors -----------------------------------------------------------------------------------
 
 def test_configuration_errors(runs, tmp_path):
