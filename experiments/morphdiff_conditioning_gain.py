@@ -49,10 +49,10 @@ def gaussian_oracle_gain(run: Run, cells, repeats: int, seed: int) -> tuple[np.n
     within = np.concatenate([train[ids == p] - m for p, m in means.items()]).var(0)
     control = train[spec.is_control[ids]].mean(0)
     del train
+    cells = cells.sort_values("split", kind="stable")
     x0 = np.concatenate([_means(task.latent_cache(split), g["split_index"].to_numpy())
                          for split, g in cells.groupby("split", sort=True)]) * scale
-    own = np.stack([means[p] for p in np.concatenate(
-        [g["perturbation_id"].to_numpy() for _, g in cells.groupby("split", sort=True)])])
+    own = np.stack([means[p] for p in cells["perturbation_id"]])
     alpha_bar = np.asarray(task.schedule.alphas_cumprod)
     rng = np.random.default_rng(seed)
     gains, losses = np.zeros(len(x0)), []
