@@ -570,19 +570,19 @@ def _profile(args) -> int:
 
 def _sample(args) -> int:
     from morphjax import predict
-    from morphjax.runs import load_run
-    run = load_run(args.workdir)
+    from morphjax.runs import load_run, read_config
     out = args.out or os.path.join(args.workdir, "samples_cli")
-    if run.config.task == "morphdiff_ldm":
+    task = read_config(args.workdir).task
+    if task == "morphdiff_ldm":
         from morphjax import morphdiff_sample
-        if args.guidance is not None:
-            run = morphdiff_sample.load(args.workdir, args.guidance)
+        run = morphdiff_sample.load(args.workdir, args.guidance)
         paths = morphdiff_sample.sample(run, args.perturbation, out, mode=args.mode, n=args.n,
                                         strength=args.strength, steps=args.steps, seed=args.seed)
     else:
         if args.guidance is not None:
             raise SystemExit(f"--guidance applies to MorphDiff runs; {args.workdir} is a "
-                             f"{run.config.task!r} run")
+                             f"{task!r} run")
+        run = load_run(args.workdir)
         paths = predict.sample(run, args.perturbation, out, n=args.n,
                                from_controls=args.from_controls,
                                interpolate_to=args.interpolate_to, steps=args.steps or 8,

@@ -32,16 +32,21 @@ def _fits_one(config: ml_collections.ConfigDict) -> bool:
     return all(int(config.mesh[a]) in (1, -1) for a in ("data", "fsdp", "tensor"))
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's `config.json`, without restoring any state (e.g. to dispatch on its task)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a morphjax run directory (no config.json)")
+    with open(path) as f:
+        return cfg.from_json(f.read())
+
+
 def load_run(workdir: str, step: int | None = None, overrides: dict | None = None) -> Run:
     """Reads `workdir/config.json` and restores the newest (or `step`) checkpoint.
 
     `overrides` replace config fields (e.g. {"data.path": ...} when the dataset moved).
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} is not a morphjax run directory (no config.json)")
-    with open(path) as f:
-        config = cfg.from_json(f.read())
+    config = read_config(workdir)
     for key, value in (overrides or {}).items():
         section, _, field = key.rpartition(".")
         (config[section] if section else config)[field] = value
