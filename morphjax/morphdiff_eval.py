@@ -506,8 +506,8 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
         space_result = {"label": extractor.label, "mmd_sigma": sigma, "per_perturbation": per,
                         "summary": summarize(per, seen, c.eval.strong_quantile)}
         if space == "classical":
-            result["retrieval"] = _retrieval(feats, owner, targets, labels, kinds, projection,
-                                             seed)
+            result["retrieval"] = profile_retrieval(feats, owner, targets, labels, kinds,
+                                                    projection.keep, seed)
         result["feature_spaces"][space] = space_result
     if inception_logits is not None:
         result["inception_score"] = inception_scores(inception_logits, images)
@@ -529,16 +529,34 @@ def evaluate_run(workdir: str, out_dir: str, *, spaces: Sequence[str] = ("classi
     return result
 
 
-def _retrieval(feats, owner, targets, labels, kinds, projection, seed) -> dict:
-    """Mean profiles z-scored on the control cells; generated (or real) queries, real refs."""
-    keep = projection.keep
-    ctrl = feats["controls"][:, keep]
-    mean, std = ctrl.mean(0), ctrl.std(0)
-    ok = std > 0
+# Each query kind's profiles are z-scored on the controls as that kind's pipeline renders them:
+# decoded cells carry the decoder's common bias, which would otherwise swamp every profile.
+RETRIEVAL_CONTROLS = {"g2i": "controls_reconstructed", "i2i": "controls_reconstructed",
+                      "reconstructed": "controls_reconstructed"}
+
+
+def profile_retrieval(feats: dict[str, np.ndarray], owner: np.ndarray, targets: Sequence[int],
+                      labels: np.ndarray, kinds: Sequence[str], keep: np.ndarray,
+                      seed: int = 0) -> dict:
+    """MoA retrieval of mean profiles (morphdiff.txt Fig. 4): generated queries, real references.
+
+    A profile is the mean of a perturbation's cells z-scored on control cells; real references on
+    the real controls, decoded queries (G2I, I2I, round trip) on the decoder's rendering of the
+    controls when it was computed (RETRIEVAL_CONTROLS), as a screen normalises each plate to its
+    own controls.
+    """
     labelled = [p for p in targets if labels[p]]
+    queries = [k for k in kinds if k not in ("controls", "controls_reconstructed")]
+
+    def controls_of(kind):
+        name = RETRIEVAL_CONTROLS.get(kind)
+        return feats[name if name in feats else "controls"][:, keep]
+
+    ok = np.all([controls_of(k).std(0) > 0 for k in ["real", *queries]], axis=0)
 
     def profiles(kind):
-        z = (feats[kind][:, keep][:, ok] - mean[ok]) / std[ok]
+        ctrl = controls_of(kind)[:, ok]
+        z = (feats[kind][:, keep][:, ok] - ctrl.mean(0)) / ctrl.std(0)
         return np.stack([np.nanmean(z[owner == p], axis=0) for p in labelled])
 
     lab = [str(labels[p]) for p in labelled]
@@ -548,12 +566,9 @@ def _retrieval(feats, owner, targets, labels, kinds, projection, seed) -> dict:
     reference = profiles("real")
     out = {"perturbations": len(lab), "labels": len(set(lab)), "real": retrieval_scores(
         reference, reference, lab), "random": random_retrieval(lab, seed=seed)}
-    for kind in kinds:
-        if kind == "controls":
-            continue
+    for kind in queries:
         q = profiles(kind)
-        rows = np.isfinite(q).all(1)
-        if rows.all():
+        if np.isfinite(q).all():
             out[kind] = retrieval_scores(q, reference, lab)
     return out
 

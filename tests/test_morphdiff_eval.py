@@ -98,6 +98,33 @@ def test_cross_retrieval_perfect_and_shuffled_queries():
     assert chance["top1"] == pytest.approx(3 / 15)
 
 
+def test_profile_retrieval_normalises_decoded_cells_on_decoded_controls():
+    """A decoder that adds one bias to every cell keeps the real cells' retrieval exactly, since
+    decoded profiles are z-scored on the decoded controls; on the real controls the common bias
+    dominates every profile and the ranking degrades."""
+    rng = np.random.default_rng(3)
+    n_pert, cells, f = 12, 20, 10
+    labels = np.array(["", *[f"moa{i % 4}" for i in range(1, n_pert)]], object)  # 0: controls
+    effects = 2.0 * rng.standard_normal((4, f))
+    owner = np.repeat(np.arange(1, n_pert), cells)
+    real = rng.standard_normal((len(owner), f)) + effects[owner % 4]
+    controls = rng.standard_normal((len(owner), f))
+    bias = 25.0 * rng.standard_normal(f)
+    feats = {"real": real, "reconstructed": real + bias, "controls": controls,
+             "controls_reconstructed": controls + bias}
+    kinds = ["reconstructed", "controls_reconstructed", "controls"]
+    targets = list(range(1, n_pert))
+    keep = np.arange(f)
+    out = me.profile_retrieval(feats, owner, targets, labels, kinds, keep)
+    assert set(out) == {"perturbations", "labels", "real", "random", "reconstructed"}
+    assert out["reconstructed"] == pytest.approx(out["real"])
+    assert out["real"]["top1"] == 1.0
+    # Without the decoded controls the bias is measured against the real controls.
+    del feats["controls_reconstructed"]
+    biased = me.profile_retrieval(feats, owner, targets, labels, kinds[:1] + kinds[2:], keep)
+    assert biased["reconstructed"]["map"] < out["real"]["map"] - 0.2
+
+
 def _per(fids, gen_fids, cos):
     return {p: {"metrics": {"g2i": {"fid": g, "kid": g / 10},
                             "controls": {"fid": f, "kid": f / 10}},
