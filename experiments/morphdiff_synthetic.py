@@ -1,14 +1,18 @@
-"""MorphDiff on the cellpainting_like small synthetic screen: both stages, then the evaluation.
+"""MorphDiff on a small synthetic screen: both stages, then the evaluation.
 
-  1. the KL autoencoder (`configs/morphdiff.py:synthetic,autoencoder`), resumed if interrupted;
-  2. the latent diffusion model on its frozen latents (`configs/morphdiff.py:synthetic`);
+`--preset synthetic` (default) is the cellpainting_like screen, `--preset synthetic_bbbc021` the
+bbbc021_like one (configs/morphdiff.py):
+  1. the KL autoencoder (`configs/morphdiff.py:PRESET,autoencoder`), resumed if interrupted;
+  2. the latent diffusion model on its frozen latents (`configs/morphdiff.py:PRESET`);
   3. `morphdiff_eval.evaluate_run`: G2I | I2I (| IMPA) | AE round trip | controls via AE |
      controls per group (seen / unseen, all / strong) in the classical space (and CP-CNN /
      Inception when given), retrieval of real profiles by generated ones, and sample grids of
      the 3 strongest unseen perturbations.
-Writes experiments/results/morphdiff_synthetic_cpu.md and .json.
+Writes experiments/results/morphdiff_PRESET_cpu.md and .json.
 
   python experiments/morphdiff_synthetic.py
+  python experiments/morphdiff_synthetic.py --preset synthetic_bbbc021 --ae-workdir runs/md_ae_bb \
+      --ldm-workdir runs/md_ldm_bb
   python experiments/morphdiff_synthetic.py --skip-train --samples 32 --impa-workdir runs/impa_cp
 """
 
@@ -22,17 +26,17 @@ import sys
 from morphjax import config as cfg
 from morphjax.demo import CONFIGS
 
-DATA = "runs/data/cellpainting_like_small/dataset"
+PRESETS = ("synthetic", "synthetic_bbbc021")
 
 
-def train_stage(stage: str, dataset: str, workdir: str, steps: int | None,
+def train_stage(preset: str, stage: str, dataset: str, workdir: str, steps: int | None,
                 autoencoder: str | None = None) -> None:
     from morphjax.train import loop  # noqa: PLC0415
 
     overrides = [f"data.path={dataset}"] + ([f"train.total_steps={steps}"] if steps else [])
     if autoencoder:
         overrides.append(f"model.autoencoder={autoencoder}")
-    arg = "synthetic,autoencoder" if stage == "autoencoder" else "synthetic"
+    arg = f"{preset},autoencoder" if stage == "autoencoder" else preset
     config = cfg.load_config(os.path.join(CONFIGS, "morphdiff.py") + ":" + arg, overrides)
     print(f"training {stage} ({config.train.total_steps} steps) in {workdir}")
     loop.train(config, workdir)
@@ -40,7 +44,8 @@ def train_stage(stage: str, dataset: str, workdir: str, steps: int | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--preset", default="synthetic", choices=PRESETS)
+    parser.add_argument("--data", default=None, help="default: the preset's data.path")
     parser.add_argument("--ae-workdir", default="runs/md_ae")
     parser.add_argument("--ldm-workdir", default="runs/md_ldm")
     parser.add_argument("--steps-ae", type=int, default=None, help="default: the preset's")
@@ -62,13 +67,17 @@ def main() -> None:
                              "needs an LDM trained with loss.cond_drop_prob > 0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    screen = "bbbc021_like" if args.preset == "synthetic_bbbc021" else "cellpainting_like"
+    if args.data is None:
+        args.data = cfg.load_config(os.path.join(CONFIGS, "morphdiff.py") + ":"
+                                    + args.preset).data.path
     if not os.path.isdir(args.data):
         raise SystemExit(f"{args.data} does not exist; build it with `morphjax build "
-                         "synthetic_screen --preset cellpainting_like --scale small --out "
+                         f"synthetic_screen --preset {screen} --scale small --out "
                          f"{os.path.dirname(os.path.abspath(args.data))}`")
     if not args.skip_train:
-        train_stage("autoencoder", args.data, args.ae_workdir, args.steps_ae)
-        train_stage("ldm", args.data, args.ldm_workdir, args.steps_ldm,
+        train_stage(args.preset, "autoencoder", args.data, args.ae_workdir, args.steps_ae)
+        train_stage(args.preset, "ldm", args.data, args.ldm_workdir, args.steps_ldm,
                     autoencoder=args.ae_workdir)
 
     from morphjax import morphdiff_eval, morphdiff_sample  # noqa: PLC0415
@@ -94,7 +103,7 @@ def main() -> None:
             grids.append(paths["rgb"])
 
     command = "python " + " ".join(sys.argv)
-    lines = ["# MorphDiff on the cellpainting_like small synthetic screen (CPU)", "",
+    lines = [f"# MorphDiff on the {screen} small synthetic screen (CPU)", "",
              f"Command: `{command}`", "",
              f"LDM run: `{args.ldm_workdir}` (step {result['run']['step']}), autoencoder "
              f"`{args.ae_workdir}`; {result['run']['samples_per_perturbation']} cells per "
@@ -132,10 +141,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "morphdiff_synthetic_cpu.md"), "w") as f:
+    with open(os.path.join(args.out, f"morphdiff_{args.preset}_cpu.md"), "w") as f:
         f.write(text)
     summary = {space: entry["summary"] for space, entry in result["feature_spaces"].items()}
-    with open(os.path.join(args.out, "morphdiff_synthetic_cpu.json"), "w") as f:
+    with open(os.path.join(args.out, f"morphdiff_{args.preset}_cpu.json"), "w") as f:
         json.dump({"command": command, "run": result["run"], "summary": summary,
                    "retrieval": result.get("retrieval"), "grids": grids,
                    "metrics": os.path.join(eval_dir, "metrics.json")}, f, indent=2)

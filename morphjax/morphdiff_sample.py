@@ -168,12 +168,23 @@ def real_cells(run: Run, perturbation: int, n: int, seed: int = 0) -> np.ndarray
     return read_cells(run, d.eval_split, np.zeros(0, np.int64))
 
 
-def rgb_composite(images: np.ndarray, channels) -> np.ndarray:
-    """[-1, 1] NHWC cells -> uint8 RGB with the MorphDiff weights, min-max per image and channel."""
-    from morphjax.features.registry import rgb_weight_matrix  # noqa: PLC0415
+def composite_weights(channels) -> np.ndarray:
+    """(C, 3) RGB weights: MorphDiff's when every channel has one (Cell Painting); else the
+    first three channels as blue, green, red (BBBC021's DNA / tubulin / actin display)."""
+    from morphjax.features.registry import MORPHDIFF_RGB_WEIGHTS, rgb_weight_matrix  # noqa: PLC0415
 
+    if {c.lower() for c in channels} <= {k.lower() for k in MORPHDIFF_RGB_WEIGHTS}:
+        return rgb_weight_matrix(channels)
+    weights = np.zeros((len(channels), 3), np.float32)
+    for i in range(min(3, len(channels))):
+        weights[i, 2 - i] = 1.0
+    return weights
+
+
+def rgb_composite(images: np.ndarray, channels) -> np.ndarray:
+    """[-1, 1] NHWC cells -> uint8 RGB (`composite_weights`), min-max per image and channel."""
     x = (np.asarray(images, np.float32) + 1.0) / 2.0
-    rgb = np.einsum("nhwc,cd->nhwd", x, rgb_weight_matrix(channels))
+    rgb = np.einsum("nhwc,cd->nhwd", x, composite_weights(channels))
     lo = rgb.min(axis=(1, 2), keepdims=True)
     hi = rgb.max(axis=(1, 2), keepdims=True)
     return np.round(255 * (rgb - lo) / np.maximum(hi - lo, 1e-8)).astype(np.uint8)

@@ -453,3 +453,20 @@ def test_every_preset_loads_with_paper_values():
     for bad in ("tiny,decoder", "nope"):
         with pytest.raises(ValueError, match="decoder|nope"):
             cfg.load_config(f"{MD}:{bad}")
+
+
+def test_bbbc021_preset_holds_out_strong_compounds_of_seen_moas():
+    """OOD compounds must be predictable: each MoA keeps a seen member; three are strong."""
+    from data_builders.synthetic_screen import perturbations as pl
+    from data_builders.synthetic_screen import presets
+
+    c = cfg.load_config(f"{MD}:synthetic_bbbc021")
+    assert c.data.path == "runs/data/bbbc021_like_small/dataset"
+    screen = presets.get_preset("bbbc021_like", "small")
+    library = pl.select_for_scale(pl.build_library(screen), screen)
+    table = library.table.assign(tier=library.tier)
+    held = table[table["perturbation"].isin(c.data.holdout)]
+    assert sorted(held["perturbation"]) == sorted(c.data.holdout)
+    seen = table[~table["perturbation"].isin(c.data.holdout) & (table["is_control"] == 0)]
+    assert set(held["moa"]) <= set(seen["moa"])
+    assert (held["tier"] == "strong").sum() >= 3

@@ -164,3 +164,21 @@ def test_inception_scores_per_kind_skip_missing_rows():
                                            splits=min(4, rows))
         np.testing.assert_allclose([out[kind]["mean"], out[kind]["std"]], expected, rtol=1e-6)
     assert out["g2i"]["mean"] > 1.0
+
+
+def test_rgb_composite_cell_painting_weights_and_bbbc021_channels():
+    from morphjax import morphdiff_sample as mds
+    from morphjax.features import registry
+
+    cell_painting = ("DNA", "ER", "RNA", "AGP", "Mito")
+    np.testing.assert_array_equal(mds.composite_weights(cell_painting),
+                                  registry.rgb_weight_matrix(cell_painting))
+    # A channel set without MorphDiff weights: DNA blue, tubulin green, actin red.
+    image = -np.ones((1, 2, 2, 3), np.float32)
+    image[0, 0, 0, 0] = 1.0  # DNA only in pixel (0, 0); actin only in pixel (1, 1).
+    image[0, 1, 1, 2] = 1.0
+    rgb = mds.rgb_composite(image, ("DNA", "Tubulin", "Actin"))
+    assert rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[0, 0, 0], [0, 0, 255])
+    np.testing.assert_array_equal(rgb[0, 1, 1], [255, 0, 0])
+    assert rgb[0, 0, 1].max() == 0 and rgb[..., 1].max() == 0
