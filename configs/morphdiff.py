@@ -117,6 +117,10 @@ PRESETS["synthetic_bbbc021"].update(
     # GAN from step 1500 of 2500: the round trip of `synthetic` was as good at 3000 as at 4000.
     loss=dict(perceptual="none", disc_start=1500, cond_drop_prob=0.1))
 PRESETS["synthetic_bbbc021"]["stage"]["autoencoder"]["train"]["total_steps"] = 2500
+# 10,000 LDM steps (~80 min on 2 CPU cores): the run of
+# experiments/results/morphdiff_synthetic_bbbc021_cpu.md.
+PRESETS["synthetic_bbbc021"]["stage"]["ldm"]["train"].update(
+    total_steps=10_000, eval_every=2500, sample_every=2500, checkpoint_every=500)
 
 
 def _split_arg(arg: str) -> tuple[str, str]:

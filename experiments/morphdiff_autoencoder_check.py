@@ -5,7 +5,8 @@ decode(encode(x)) of real test cells bounds every generated-vs-real distance (th
 latent-diffusion papers). This script measures it in the evaluation's classical feature space
 (`impa_eval.Projection`, 32 dims) for one or more autoencoder runs, next to calibration rows on
 the same cells: other real cells, real cells blurred by a 0.5 px Gaussian, real cells with
-added noise. Writes experiments/results/morphdiff_autoencoder_check_cpu.md.
+added noise. Writes experiments/results/morphdiff_autoencoder_check_SCREEN_cpu.md, SCREEN being
+the folder that holds the runs' dataset (e.g. cellpainting_like_small).
 
   python experiments/morphdiff_autoencoder_check.py runs/md_ae2 runs/md_ae_f2:3000
 """
@@ -101,7 +102,8 @@ def main() -> None:
         lines.append(f"| {name} | {'' if l1 is None else f'{l1:.4f}'} | {m['fid']:.1f} | "
                      f"{m['kid']:.4g} | {m['coverage']:.3f} |")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "morphdiff_autoencoder_check_cpu.md")
+    screen = os.path.basename(os.path.dirname(os.path.normpath(spec.dataset_dir)))
+    path = os.path.join(args.out, f"morphdiff_autoencoder_check_{screen}_cpu.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")

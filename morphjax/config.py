@@ -136,7 +136,8 @@ def coerce(key: str, text_or_value: Any, current: Any) -> Any:
         if isinstance(value, list):
             value = tuple(value)
         if not isinstance(value, tuple):
-            raise ConfigError(f"config key {key!r} expects a tuple, got {text_or_value!r}")
+            raise ConfigError(f"config key {key!r} expects a tuple, got {text_or_value!r}; "
+                              f"write a Python literal, e.g. --set \"{key}=('a', 'b')\"")
         return value
     raise ConfigError(f"config key {key!r} of type {type(current).__name__} cannot be overridden")
 
