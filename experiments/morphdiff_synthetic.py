@@ -103,10 +103,13 @@ def main() -> None:
             grids.append(paths["rgb"])
 
     command = "python " + " ".join(sys.argv)
+    scale = result["run"]["guidance_scale"]
+    stem = f"morphdiff_{args.preset}" + (f"_guidance{scale:g}" if scale != 1 else "") + "_cpu"
     lines = [f"# MorphDiff on the {screen} small synthetic screen (CPU)", "",
              f"Command: `{command}`", "",
              f"LDM run: `{args.ldm_workdir}` (step {result['run']['step']}), autoencoder "
-             f"`{args.ae_workdir}`; {result['run']['samples_per_perturbation']} cells per "
+             f"`{args.ae_workdir}`; classifier-free guidance scale {scale:g}; "
+             f"{result['run']['samples_per_perturbation']} cells per "
              "perturbation and kind. Columns: generated from the expression vector (G2I), "
              "test-split control cells transformed (I2I), "
              + ("IMPA on the same controls, " if args.impa_workdir else "")
@@ -128,6 +131,8 @@ def main() -> None:
                   f"{v['std']:.3f} |" for k, v in result["inception_score"].items()] + [""]
     for space, why in result["skipped_spaces"].items():
         lines += [f"Feature space {space} skipped: {why}.", ""]
+    lines += ["## Classical FID per perturbation (unseen first, strongest first)", "",
+              morphdiff_eval.perturbation_table(result, "classical"), ""]
     lines += ["## Does the U-Net use the expression vector? (conditioning gain)", "",
               "Denoising L1 loss of the evaluated real cells' cached latents (4 noisings each, t "
               "uniform) under a random control's expression context minus under their own, "
@@ -141,10 +146,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"morphdiff_{args.preset}_cpu.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text)
     summary = {space: entry["summary"] for space, entry in result["feature_spaces"].items()}
-    with open(os.path.join(args.out, f"morphdiff_{args.preset}_cpu.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump({"command": command, "run": result["run"], "summary": summary,
                    "retrieval": result.get("retrieval"), "grids": grids,
                    "metrics": os.path.join(eval_dir, "metrics.json")}, f, indent=2)

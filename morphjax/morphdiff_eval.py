@@ -608,6 +608,23 @@ def summary_table(result: dict, space: str = "classical") -> str:
     return "\n".join(lines)
 
 
+def perturbation_table(result: dict, space: str = "classical", metric: str = "fid") -> str:
+    """Markdown: `metric` per perturbation and kind; unseen first, then by the controls' distance
+    (strongest first), so a group mean can be traced to the perturbations behind it."""
+    per = result["feature_spaces"][space]["per_perturbation"]
+    info = result["perturbations"]
+    kinds = result["kinds"]
+    order = sorted(per, key=lambda p: (info[p]["seen"],
+                                       -per[p]["metrics"]["controls"][metric]))
+    lines = ["| perturbation | seen | " + " | ".join(KIND_TITLES[k] for k in kinds) + " |",
+             "|---|---|" + "---:|" * len(kinds)]
+    for p in order:
+        cells = [per[p]["metrics"].get(k, {}).get(metric) for k in kinds]
+        lines.append(f"| {info[p]['name']} | {'yes' if info[p]['seen'] else 'no'} | "
+                     + " | ".join("" if v is None else f"{v:.4g}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def gain_table(result: dict) -> str:
     """Markdown: the conditioning gain per group (see `conditioning_gain`)."""
     lines = ["| group | perturbations | cells | loss gain from the expression context | "

@@ -318,6 +318,12 @@ def test_evaluate_run_compares_every_kind_and_writes_tables(runs, tmp_path):
     cells = sum(info["real_cells"] for info in targets.values())
     assert set(gain["summary"]) == {"all", "seen"} and gain["summary"]["all"]["cells"] == cells
     assert morphdiff_eval.gain_table(result).count("\n") == 3
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in morphdiff_eval.perturbation_table(result).splitlines()[2:]]
+    fid = table.pivot(index="perturbation", columns="kind", values="fid")
+    expected = fid.sort_values("controls", ascending=False)[result["kinds"]]
+    assert [r[0] for r in rows] == expected.index.tolist()
+    np.testing.assert_allclose([[float(v) for v in r[2:]] for r in rows], expected, rtol=1e-3)
     with open(out / "metrics.json") as f:
         assert json.load(f)["run"]["step"] == 6
 
