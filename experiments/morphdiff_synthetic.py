@@ -104,7 +104,8 @@ def main() -> None:
 
     command = "python " + " ".join(sys.argv)
     scale = result["run"]["guidance_scale"]
-    stem = f"morphdiff_{args.preset}" + (f"_guidance{scale:g}" if scale != 1 else "") + "_cpu"
+    stem = (f"morphdiff_{args.preset}" + (f"_guidance{scale:g}" if scale != 1 else "")
+            + (f"_seed{args.seed}" if args.seed else "") + "_cpu")
     lines = [f"# MorphDiff on the {screen} small synthetic screen (CPU)", "",
              f"Command: `{command}`", "",
              f"LDM run: `{args.ldm_workdir}` (step {result['run']['step']}), autoencoder "
